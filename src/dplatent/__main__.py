@@ -1,0 +1,3 @@
+from dplatent.cli import main
+
+main()

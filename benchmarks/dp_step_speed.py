@@ -1,0 +1,70 @@
+"""Examples/s of one DP-SGD step for each stage's model, on random data (no private data).
+
+Usage: python benchmarks/dp_step_speed.py [--preset quick] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from dplatent import config, runtime
+from dplatent.diffusion.loss import denoising_loss
+from dplatent.diffusion.schedule import alphas_cumprod
+from dplatent.models.autoencoder import reconstruction_loss
+from dplatent.privacy.dp_training import make_trainer
+from dplatent.train.stages import build_autoencoder, build_denoiser
+
+
+def measure(model, loss_fn, n_batch, physical, mode, steps):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    tr = make_trainer(model, opt, mode=mode, noise_multiplier=1.0, clip_norm=1.0,
+                      expected_batch_size=n_batch)
+    idx = torch.arange(n_batch)
+    chunks = list(idx.split(physical))
+    tr.step_logical(chunks, loss_fn)  # warm-up
+    t = time.perf_counter()
+    for _ in range(steps):
+        tr.step_logical(chunks, loss_fn)
+    return n_batch * steps / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="quick")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--no-malloc-tuning", action="store_true")
+    args = ap.parse_args()
+    if not args.no_malloc_tuning:
+        runtime.tune_allocator()
+    cfg = config.resolve(args.preset, {})
+    torch.manual_seed(0)
+    x = torch.rand(4096, 1, 28, 28)
+    ae = build_autoencoder(cfg, 1, 28)
+    a = cfg.autoencoder
+    ae_rate = measure(ae, lambda m, i: reconstruction_loss(m, x[i]), a.batch_size,
+                      a.physical_batch_size, "hooks", args.steps)
+    d = cfg.diffusion
+    dim = 1
+    for s in ae.latent_shape:
+        dim *= s
+    z, y = torch.randn(4096, dim), torch.randint(0, 10, (4096,))
+    acp = alphas_cumprod(d.train_timesteps, d.beta_schedule)
+    den = build_denoiser(cfg, dim, 10)
+
+    def dloss(m, i):
+        return denoising_loss(m, z[i], y[i], alphas_cumprod=acp,
+                              multiplicity=d.noise_multiplicity, label_dropout=0.1,
+                              null_label=10)
+    den_rate = measure(den, dloss, d.batch_size, d.physical_batch_size, "ghost", args.steps)
+    nparams = sum(p.numel() for p in den.parameters())
+    print(f"threads={torch.get_num_threads()} malloc_tuned={not args.no_malloc_tuning}")
+    print(f"autoencoder (hooks): {ae_rate:.0f} examples/s, batch {a.batch_size}")
+    print(f"denoiser (ghost, K={d.noise_multiplicity}, {nparams/1e6:.2f}M params): "
+          f"{den_rate:.0f} examples/s, batch {d.batch_size}")
+
+
+if __name__ == "__main__":
+    main()

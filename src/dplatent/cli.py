@@ -1,0 +1,149 @@
+"""Command line: parse -> build config -> call. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dplatent.errors import DplatentError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Differentially private synthetic image data via latent diffusion.")
+
+DatasetOpt = Annotated[str, typer.Option("--dataset", help="mnist, fashion-mnist, or an .npz path")]
+DataDirOpt = Annotated[Optional[str], typer.Option(
+    "--data-dir", help="folder with the data files (default: $DPLATENT_DATA, else download)")]
+PresetOpt = Annotated[str, typer.Option("--preset", help="named preset (configs/) or a .toml")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="override a config value, e.g. --set diffusion.epochs=10 (repeatable)")]
+
+
+def _config(preset: str, epsilon: float | None, delta: float | None, seed: int | None,
+            threads: int | None, sets: list[str] | None):
+    from dplatent import config
+    overrides = config.parse_overrides(sets or [])
+    for key, value in (("privacy.epsilon", epsilon), ("privacy.delta", delta),
+                       ("seed", seed), ("threads", threads)):
+        if value is not None:
+            overrides[key] = value
+    return config.resolve(preset, overrides)
+
+
+def _public_n(dataset: str, n: int | None) -> int:
+    """The number of training records, a public quantity of the accounting."""
+    from dplatent import data
+    if n is not None:
+        if n < 1:
+            raise DplatentError(f"--n must be >= 1, got {n}")
+        return n
+    if dataset in data.BUILTIN:
+        return 60000
+    raise DplatentError("plan needs the number of training records for a user data set: "
+                        "pass --n")
+
+
+@app.command()
+def plan(dataset: DatasetOpt = "mnist",
+         epsilon: Annotated[float, typer.Option(help="total privacy budget")] = 10.0,
+         delta: Annotated[float, typer.Option(help="total delta, below 1/n")] = 1e-5,
+         preset: PresetOpt = "quick", sets: SetOpt = None,
+         n: Annotated[Optional[int], typer.Option(help="number of training records")] = None):
+    """Show each stage's noise multiplier for a budget. Touches no data."""
+    from dplatent.privacy.accounting import plan as make_plan
+    cfg = _config(preset, epsilon, delta, None, None, sets)
+    p = make_plan(_public_n(dataset, n), cfg)
+    d = p.to_dict()
+    typer.echo(f"accountant: {d['accountant_name']}")
+    typer.echo(f"budget: epsilon={p.target_epsilon:g} delta={p.delta:g} n={p.n}")
+    for s in p.stages:
+        typer.echo(f"  {s.stage:12s} sigma={s.noise_multiplier:.4f} q={s.sample_rate:.5f} "
+                   f"steps={s.steps} C={s.clip_norm:g} batch={s.batch_size} "
+                   f"epsilon_alone={s.epsilon_alone:.3f}")
+    typer.echo(f"composed epsilon: {p.epsilon:.4f} (target {p.target_epsilon:g})")
+
+
+@app.command()
+def train(out: Annotated[Path, typer.Option("--out", help="run directory to create")],
+          dataset: DatasetOpt = "mnist", data_dir: DataDirOpt = None,
+          epsilon: Annotated[Optional[float], typer.Option(help="total budget")] = None,
+          delta: Annotated[Optional[float], typer.Option(help="total delta")] = None,
+          preset: PresetOpt = "quick", sets: SetOpt = None,
+          seed: Annotated[Optional[int], typer.Option(help="random seed")] = None,
+          threads: Annotated[Optional[int], typer.Option(help="CPU threads (0 = all)")] = None,
+          resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
+          grid: Annotated[bool, typer.Option(help="write samples.png at the end")] = True,
+          progress: Annotated[bool, typer.Option(help="show progress bars")] = True):
+    """Train both DP stages under one (epsilon, delta) budget."""
+    from dplatent import config
+    from dplatent.sample import TrainedRun, generate, save_grid
+    from dplatent.train.stages import train as run_train
+    if resume:
+        cfg_path = out / "config.json"
+        if not cfg_path.is_file():
+            raise DplatentError(f"{out}: nothing to resume (no config.json)")
+        raw = json.loads(cfg_path.read_text())
+        meta = raw.pop("derived")
+        if any(v is not None for v in (epsilon, delta, seed)) or sets:
+            raise DplatentError("--resume continues a run with its saved configuration; "
+                                "do not pass --epsilon, --delta, --seed or --set")
+        cfg = config.from_dict(raw)
+        dataset = meta["dataset"]
+    else:
+        cfg = _config(preset, epsilon, delta, seed, threads, sets)
+    result = run_train(dataset=dataset, data_dir=data_dir, cfg=cfg, run_dir=out, resume=resume,
+                       progress=progress)
+    led = result["ledger"]
+    typer.echo(f"trained: epsilon={led['epsilon']:.4f} (target {led['target_epsilon']:g}, "
+               f"delta={led['delta']:g}, {led['accountant_name']})")
+    for k, v in result["timings"].items():
+        typer.echo(f"  {k}: {v:.1f}")
+    if grid:
+        run = TrainedRun(out)
+        x, y = generate(run, 10 * run.num_classes, seed=cfg.seed, progress=False)
+        save_grid(out / "samples.png", x, y, run.meta["class_names"])
+        typer.echo(f"sample grid: {out / 'samples.png'}")
+
+
+@app.command()
+def sample(run: Annotated[Path, typer.Option("--run", help="trained run directory")],
+           num: Annotated[int, typer.Option("--num", help="number of samples")] = 60000,
+           out: Annotated[Optional[Path], typer.Option(
+               "--out", help="npz to write (default RUN/synthetic.npz)")] = None,
+           png_dir: Annotated[Optional[Path], typer.Option(
+               "--png-dir", help="also write PNGs, one folder per class")] = None,
+           seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+           guidance: Annotated[Optional[float], typer.Option(
+               help="classifier-free guidance scale (default from the run)")] = None,
+           steps: Annotated[Optional[int], typer.Option(help="sampler steps")] = None,
+           progress: Annotated[bool, typer.Option(help="show progress bars")] = True):
+    """Draw labelled synthetic images from a trained run (no privacy cost)."""
+    import time
+
+    from dplatent.sample import TrainedRun, generate, save_npz, save_png_dir
+    t = time.time()
+    trained = TrainedRun(run)
+    x, y = generate(trained, num, seed=seed, guidance=guidance, steps=steps, progress=progress)
+    path = save_npz(out or run / "synthetic.npz", x, y)
+    if png_dir:
+        save_png_dir(png_dir, x, y, trained.meta["class_names"])
+    typer.echo(f"wrote {len(y)} samples to {path} in {time.time() - t:.1f}s")
+
+
+def main() -> None:
+    try:
+        app()
+    except DplatentError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; `dplatent train --resume RUN` continues from the last "
+                   "checkpoint", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Frozen, keyword-only configuration objects; presets from `configs/*.toml`.
+
+A run's configuration is: defaults <- preset file <- `--set section.key=value` overrides.
+Every object validates itself on construction and raises ConfigError naming the field.
+The resolved configuration is written into every run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dplatent.errors import ConfigError
+
+PRESET_DIRS = (Path(__file__).resolve().parents[2] / "configs",)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AutoencoderConfig:
+    """Stage 1: convolutional autoencoder trained with DP-SGD (Opacus hooks mode)."""
+
+    channels: tuple[int, ...] = (32, 64)   # one stride-2 stage per entry
+    latent_channels: int = 4
+    epochs: float = 4.0
+    batch_size: int = 512                  # expected logical batch (Poisson sampling)
+    physical_batch_size: int = 256
+    lr: float = 2e-3
+    clip_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(len(self.channels) >= 1, "autoencoder.channels: need at least one stage")
+        _check(all(c > 0 and c % 8 == 0 for c in self.channels),
+               "autoencoder.channels: each must be a positive multiple of 8 (GroupNorm)")
+        _check(self.latent_channels > 0, "autoencoder.latent_channels must be > 0")
+        _check(self.epochs > 0, "autoencoder.epochs must be > 0")
+        _check(self.batch_size > 0 and self.physical_batch_size > 0,
+               "autoencoder batch sizes must be > 0")
+        _check(self.lr > 0 and self.clip_norm > 0, "autoencoder.lr and clip_norm must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiffusionConfig:
+    """Stage 2: class-conditional residual-MLP denoiser on the flat latent, DP-SGD."""
+
+    hidden: int = 512
+    blocks: int = 4
+    expansion: int = 2
+    epochs: float = 20.0
+    batch_size: int = 1024
+    physical_batch_size: int = 1024
+    lr: float = 1e-3
+    clip_norm: float = 1.0
+    noise_multiplicity: int = 4            # K noise draws averaged inside each example's loss
+    label_dropout: float = 0.1             # for classifier-free guidance
+    ema_decay: float = 0.999
+    train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+
+    def __post_init__(self) -> None:
+        _check(self.hidden > 0 and self.blocks > 0 and self.expansion > 0,
+               "diffusion.hidden, blocks and expansion must be > 0")
+        _check(self.epochs > 0, "diffusion.epochs must be > 0")
+        _check(self.batch_size > 0 and self.physical_batch_size > 0,
+               "diffusion batch sizes must be > 0")
+        _check(self.lr > 0 and self.clip_norm > 0, "diffusion.lr and clip_norm must be > 0")
+        _check(self.noise_multiplicity >= 1, "diffusion.noise_multiplicity must be >= 1")
+        _check(0 <= self.label_dropout < 1, "diffusion.label_dropout must be in [0, 1)")
+        _check(0 <= self.ema_decay < 1, "diffusion.ema_decay must be in [0, 1)")
+        _check(self.train_timesteps >= 10, "diffusion.train_timesteps must be >= 10")
+        _check(self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
+               f"diffusion.beta_schedule: unknown {self.beta_schedule!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacyConfig:
+    """The total budget and how it is shared between the two private stages."""
+
+    epsilon: float = 10.0
+    delta: float = 1e-5
+    accountant: str = "prv"                # 'prv' (tighter) or 'rdp'
+    autoencoder_share: float = 0.25        # the autoencoder alone gets this share of epsilon
+
+    def __post_init__(self) -> None:
+        _check(self.epsilon > 0, f"privacy.epsilon must be > 0, got {self.epsilon}")
+        _check(0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}")
+        _check(self.accountant in ("prv", "rdp"),
+               f"privacy.accountant must be 'prv' or 'rdp', got {self.accountant!r}")
+        _check(0 < self.autoencoder_share < 1, "privacy.autoencoder_share must be in (0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    steps: int = 50
+    guidance: float = 1.0                  # 1.0 = plain conditional; > 1 classifier-free guidance
+    batch_size: int = 2000
+    sampler: str = "ddim"                  # 'ddim' or 'dpm' (DPM-Solver++, diffusers)
+
+    def __post_init__(self) -> None:
+        _check(self.sampler in ("ddim", "dpm"), f"sampling.sampler: unknown {self.sampler!r}")
+        _check(self.steps >= 1, "sampling.steps must be >= 1")
+        _check(self.guidance >= 0, "sampling.guidance must be >= 0")
+        _check(self.batch_size >= 1, "sampling.batch_size must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    preset: str = "default"
+    seed: int = 0
+    threads: int = 0                       # 0 = all cores
+    checkpoint_every: int = 200            # logical steps between checkpoints
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.threads >= 0, "threads must be >= 0")
+        _check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"autoencoder": AutoencoderConfig, "diffusion": DiffusionConfig,
+            "privacy": PrivacyConfig, "sampling": SamplingConfig}
+
+
+def _coerce(cls: type, key: str, value: Any, where: str) -> Any:
+    """Convert `value` to the type of field `key` of `cls`; unknown keys are errors."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    if key not in names or key in SECTIONS:
+        raise ConfigError(f"{where}: unknown key {key!r}; known: {sorted(names - set(SECTIONS))}")
+    kind = type(getattr(cls(), key))
+    try:
+        if kind is bool:
+            text = str(value).lower()
+            if text not in ("true", "false", "1", "0"):
+                raise ValueError("expected true or false")
+            return text in ("true", "1")
+        if kind is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(int(v) for v in items)
+        if kind is int:
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError("expected an integer")
+            return int(number)
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: bad value {value!r} for {key} ({exc})") from exc
+
+
+def build(preset: dict[str, Any], overrides: dict[str, Any], name: str) -> RunConfig:
+    """Merge a preset mapping and dotted overrides into a validated RunConfig."""
+    merged: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    top: dict[str, Any] = {"preset": name}
+    for key, value in preset.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"preset {name}: [{key}] must be a table")
+            for k, v in value.items():
+                merged[key][k] = _coerce(SECTIONS[key], k, v, f"preset {name} [{key}]")
+        else:
+            top[key] = _coerce(RunConfig, key, value, f"preset {name}")
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if key and section in SECTIONS:
+            merged[section][key] = _coerce(SECTIONS[section], key, value, f"--set {dotted}")
+        elif not key:
+            top[section] = _coerce(RunConfig, section, value, f"--set {dotted}")
+        else:
+            raise ConfigError(f"--set {dotted}: unknown section {section!r}; "
+                              f"known: {sorted(SECTIONS)}")
+    try:
+        sections = {s: SECTIONS[s](**merged[s]) for s in SECTIONS}
+        return RunConfig(**top, **sections)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def preset_names() -> list[str]:
+    return sorted({p.stem for d in PRESET_DIRS if d.is_dir() for p in d.glob("*.toml")})
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        for d in PRESET_DIRS:
+            if (d / f"{name_or_path}.toml").is_file():
+                path = d / f"{name_or_path}.toml"
+                break
+        else:
+            raise ConfigError(f"unknown preset {name_or_path!r}; known: {preset_names()}")
+    if not path.is_file():
+        raise ConfigError(f"preset file {path} not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"preset file {path}: {exc}") from exc
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def resolve(preset: str, overrides: dict[str, Any]) -> RunConfig:
+    return build(load_preset(preset), overrides, Path(preset).stem)
+
+
+def from_dict(d: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from its saved resolved form (config.json)."""
+    top = {k: v for k, v in d.items() if k not in SECTIONS}
+    name = top.pop("preset", "saved")
+    preset = {**top, **{s: d.get(s, {}) for s in SECTIONS}}
+    return build(preset, {}, name)

@@ -1,0 +1,1 @@
+"""Latent diffusion: noise schedule, per-example training loss, sampler."""

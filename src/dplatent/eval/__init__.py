@@ -1,0 +1,2 @@
+"""Evaluation of synthetic data: FID (fid), downstream classifiers (classifier), the
+orchestration writing eval.json (evaluate) and the CLI command bodies (commands)."""

@@ -1,0 +1,145 @@
+"""Evaluate a synthetic labelled image set against a real one: FID and downstream accuracy.
+
+`evaluate` returns a flat JSON-ready dict; `write_eval_json` stores it atomically. Accuracies
+are fractions in [0, 1]. Keys (present for the requested metrics):
+
+    dataset, synthetic, n_synthetic, metrics, wall_seconds,
+    cnn_acc, cnn_acc_std, cnn_acc_per_seed, cnn_val_acc, cnn_best_epoch, cnn_epochs, cnn_seconds
+    (likewise mlp_*, logreg_*), classifier_seeds,
+    fid, fid_samples, fid_reference, fid_reference_samples, fid_warning, fid_seconds,
+    fid_images_per_second, fid_weights_sha256
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from dplatent import data
+from dplatent.data import LabelledImages
+from dplatent.errors import ConfigError, DataError
+from dplatent.eval import classifier, fid
+from dplatent.eval.classifier import ClassifierConfig
+
+METRICS = ("fid", "cnn", "mlp", "logreg")
+DEFAULT_METRICS = METRICS
+
+
+def parse_metrics(spec: str | Sequence[str]) -> list[str]:
+    """'fid,cnn' or ['fid', 'cnn'] -> validated list in canonical order, no duplicates."""
+    names = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec)]
+    names = [n for n in names if n]
+    unknown = sorted(set(names) - set(METRICS))
+    if unknown:
+        raise ConfigError(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
+    if not names:
+        raise ConfigError(f"no metrics requested; choose from {', '.join(METRICS)}")
+    return [m for m in METRICS if m in names]
+
+
+def check_matches(synthetic: LabelledImages, real: LabelledImages) -> None:
+    """The synthetic set must have the real set's image shape and class count."""
+    if synthetic.x.shape[1:] != real.x.shape[1:]:
+        raise DataError(f"{synthetic.name}: images have shape {tuple(synthetic.x.shape[1:])} but "
+                        f"{real.name} images have shape {tuple(real.x.shape[1:])}")
+    if synthetic.num_classes != real.num_classes:
+        raise DataError(f"{synthetic.name}: labels span {synthetic.num_classes} classes but "
+                        f"{real.name} has {real.num_classes}")
+
+
+def evaluate(synthetic: LabelledImages, dataset: str, data_dir: str | Path | None = None, *,
+             metrics: Sequence[str] = DEFAULT_METRICS,
+             fid_samples: int = 10_000,
+             fid_reference: str = "train",
+             fid_weights: str | Path | None = None,
+             fid_batch_size: int = 50,
+             fid_cache_dir: str | Path | None = None,
+             fid_model: torch.nn.Module | None = None,
+             seeds: int = 3,
+             epochs: dict[str, int] | None = None,
+             batch_size: int = 256,
+             val_fraction: float = 0.1,
+             threads: int | None = None,
+             progress: bool = True) -> dict:
+    """Compute the requested metrics of `synthetic` against the real data set `dataset`.
+
+    FID compares with the real `fid_reference` split ('train' by default, or 'test');
+    reference statistics are cached in `fid_cache_dir` (default ~/.cache/dplatent/fid-stats).
+    `fid_model` replaces the Inception network (tests); otherwise the verified weights at
+    `fid_weights` / $DPLATENT_FID_WEIGHTS / the cache default are loaded, never downloaded.
+    Classifiers use `seeds` seeds and `epochs[kind]` epochs (defaults in
+    classifier.DEFAULT_EPOCHS); the real test set is used only for the final accuracies.
+    """
+    start = time.perf_counter()
+    metrics = parse_metrics(metrics)
+    if fid_reference not in ("train", "test"):
+        raise ConfigError(f"FID reference must be 'train' or 'test', got {fid_reference!r}")
+    real_test = data.load(dataset, "test", data_dir)
+    check_matches(synthetic, real_test)
+    result: dict = {"dataset": dataset, "synthetic": synthetic.name,
+                    "n_synthetic": len(synthetic), "metrics": metrics}
+
+    if "fid" in metrics:  # load (and verify) the network first: fail before hours of training
+        model, weights_sha = _fid_model(fid_model, fid_weights)
+        reference = real_test if fid_reference == "test" else data.load(dataset, "train", data_dir)
+        options = fid.FidOptions(
+            samples=fid_samples, reference_split=fid_reference, batch_size=fid_batch_size,
+            threads=threads, progress=progress,
+            cache_dir=Path(fid_cache_dir) if fid_cache_dir else fid.default_stats_dir())
+        res = fid.compute_fid(synthetic.x, reference.x, reference.name, model, weights_sha, options)
+        if res.warning:
+            print(f"warning: {res.warning}", flush=True)
+        result.update(fid=res.fid, fid_samples=res.samples, fid_reference=res.reference,
+                      fid_reference_samples=res.reference_samples, fid_warning=res.warning,
+                      fid_seconds=res.seconds, fid_images_per_second=res.images_per_second,
+                      fid_reference_cached=res.reference_cached, fid_weights_sha256=weights_sha)
+
+    epochs = {**classifier.DEFAULT_EPOCHS, **(epochs or {})}
+    for kind in (m for m in metrics if m in classifier.KINDS):
+        config = ClassifierConfig(epochs=epochs[kind], batch_size=batch_size, lr=1e-3,
+                                  val_fraction=val_fraction, seeds=seeds, threads=threads)
+        res = classifier.downstream_accuracy(kind, synthetic, real_test, config)
+        result.update({f"{kind}_acc": res.accuracy, f"{kind}_acc_std": res.std,
+                       f"{kind}_acc_per_seed": res.per_seed, f"{kind}_val_acc": res.val_accuracy,
+                       f"{kind}_best_epoch": res.best_epoch, f"{kind}_epochs": res.epochs,
+                       f"{kind}_seconds": res.seconds})
+        result["classifier_seeds"] = seeds
+    result["wall_seconds"] = time.perf_counter() - start
+    return result
+
+
+def _fid_model(model: torch.nn.Module | None, weights: str | Path | None) -> tuple[torch.nn.Module,
+                                                                                    str]:
+    if model is not None:
+        return model, f"custom:{type(model).__name__}"
+    return fid.load_inception(weights)
+
+
+def write_eval_json(result: dict, path: str | Path) -> Path:
+    """Write `result` as JSON via a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_jsonable(result), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
+                                     suffix=".tmp", delete=False, encoding="utf-8") as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
+    return path
+
+
+def _jsonable(value):
+    """Floats that are not finite become None (JSON has no NaN); tuples become lists."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

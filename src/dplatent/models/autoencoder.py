@@ -1,0 +1,89 @@
+"""Convolutional autoencoder: pixels (C, S, S) <-> latent (L, S/2^k, S/2^k).
+
+GroupNorm only (no BatchNorm: it mixes examples, which DP-SGD's per-example gradients forbid).
+The encoder ends in a per-example standardisation, so every latent has zero mean and unit
+variance across its own coordinates by construction: the latent scale that diffusion needs is
+fixed in advance and no statistic of the private data is ever computed to normalise it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def _block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1),
+                         nn.GroupNorm(8, c_out), nn.SiLU())
+
+
+def standardise(h: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per-example zero mean / unit variance over all latent coordinates."""
+    flat = h.flatten(1)
+    flat = (flat - flat.mean(1, keepdim=True)) / (flat.std(1, keepdim=True) + eps)
+    return flat.view_as(h)
+
+
+class Encoder(nn.Module):
+    def __init__(self, in_channels: int, channels: tuple[int, ...], latent_channels: int):
+        super().__init__()
+        layers, c = [], in_channels
+        for width in channels:
+            layers.append(_block(c, width, stride=2))
+            c = width
+        layers.append(_block(c, c))
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Conv2d(c, latent_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return standardise(self.out(self.body(x)))
+
+
+class Decoder(nn.Module):
+    """Mirror of the encoder; the last upsampling feeds the output conv directly, so no
+    full-resolution hidden conv (the dominant per-example-gradient cost) is needed."""
+
+    def __init__(self, out_channels: int, channels: tuple[int, ...], latent_channels: int):
+        super().__init__()
+        widths = list(reversed(channels))
+        layers = [_block(latent_channels, widths[0])]
+        for i in range(1, len(widths)):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), _block(widths[i - 1],
+                                                                           widths[i])]
+        layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Conv2d(widths[-1], out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits of pixel intensities in [0, 1]."""
+        return self.out(self.body(z))
+
+
+class Autoencoder(nn.Module):
+    def __init__(self, *, in_channels: int, image_size: int, channels: tuple[int, ...],
+                 latent_channels: int):
+        super().__init__()
+        factor = 2 ** len(channels)
+        if image_size % factor:
+            raise ValueError(f"image size {image_size} is not divisible by {factor} "
+                             f"({len(channels)} downsampling stages)")
+        self.latent_shape = (latent_channels, image_size // factor, image_size // factor)
+        self.encoder = Encoder(in_channels, channels, latent_channels)
+        self.decoder = Decoder(in_channels, channels, latent_channels)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1]."""
+        return torch.sigmoid(self.decoder(z))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+def reconstruction_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per-example binary cross-entropy of the reconstruction, shape [B]."""
+    logits = model(x)
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).mean(1)

@@ -1,0 +1,184 @@
+"""Privacy accounting that spans both private stages.
+
+Every access to private data is a `DPEvent`: a Poisson-subsampled Gaussian mechanism run for
+some steps (noise multiplier sigma, sampling rate q, clipping norm C). The total epsilon of a run
+is the composition of all its events, computed by one of Opacus' accountants (PRV by default,
+RDP on request). `plan` turns a total (epsilon, delta) and public quantities only (n, batch
+sizes, epochs, the budget share of stage 1) into each stage's sigma; it never sees data.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from dplatent.config import RunConfig
+from dplatent.errors import PrivacyError
+
+MECHANISM = "poisson_subsampled_gaussian"
+ACCOUNTANTS = {"prv": "Opacus PRV accountant (Gopi et al. 2021)",
+               "rdp": "Opacus RDP accountant (Mironov 2017)"}
+SIGMA_MAX = 1e4
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPEvent:
+    """One stage's use of private data: `steps` DP-SGD steps of a subsampled Gaussian.
+
+    Assumptions: each example is included independently with probability `sample_rate`
+    (Poisson sampling); per-example gradients are clipped to L2 norm `clip_norm`; Gaussian
+    noise of standard deviation `noise_multiplier * clip_norm` is added to their sum.
+    """
+
+    stage: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    clip_norm: float
+    mechanism: str = MECHANISM
+
+    def __post_init__(self) -> None:
+        if self.mechanism != MECHANISM:
+            raise PrivacyError(f"{self.stage}: unsupported mechanism {self.mechanism!r}")
+        if not self.noise_multiplier > 0:
+            raise PrivacyError(f"{self.stage}: noise multiplier must be > 0, "
+                               f"got {self.noise_multiplier}")
+        if not 0 < self.sample_rate <= 1:
+            raise PrivacyError(f"{self.stage}: sample rate must be in (0, 1], "
+                               f"got {self.sample_rate}")
+        if self.steps < 0:
+            raise PrivacyError(f"{self.stage}: steps must be >= 0, got {self.steps}")
+        if not self.clip_norm > 0:
+            raise PrivacyError(f"{self.stage}: clip norm must be > 0, got {self.clip_norm}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _accountant(name: str):
+    if name == "prv":
+        return PRVAccountant()
+    if name == "rdp":
+        return RDPAccountant()
+    raise PrivacyError(f"unknown accountant {name!r}; choose from {sorted(ACCOUNTANTS)}")
+
+
+def epsilon(events: list[DPEvent], delta: float, accountant: str = "prv") -> float:
+    """Composed epsilon at `delta` of all events (0 for no steps)."""
+    history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps > 0]
+    if not history:
+        return 0.0
+    acct = _accountant(accountant)
+    acct.history = history
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # RDP's "optimal order is the largest alpha"
+        if accountant == "prv":
+            # eps_error bounds the numerical error; the value returned is an upper bound.
+            return float(acct.get_epsilon(delta=delta, eps_error=0.01))
+        return float(acct.get_epsilon(delta=delta))
+
+
+def calibrate_sigma(*, target_epsilon: float, delta: float, prior: list[DPEvent],
+                    stage: str, sample_rate: float, steps: int, clip_norm: float,
+                    accountant: str = "prv", rel_tol: float = 2e-3) -> float:
+    """Smallest noise multiplier (to `rel_tol`) for a new stage such that the composition of
+    `prior` and the new stage has epsilon <= target. Bisection on sigma; returns the upper end,
+    which always satisfies the target."""
+
+    def eps_at(sigma: float) -> float:
+        new = DPEvent(stage=stage, noise_multiplier=sigma, sample_rate=sample_rate,
+                      steps=steps, clip_norm=clip_norm)
+        return epsilon([*prior, new], delta, accountant)
+
+    if prior and epsilon(prior, delta, accountant) >= target_epsilon:
+        raise PrivacyError("earlier stages already spend the whole budget")
+    lo, hi = 0.0, 1.0
+    while eps_at(hi) > target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > SIGMA_MAX:
+            raise PrivacyError(f"{stage}: no noise multiplier up to {SIGMA_MAX} meets "
+                               f"epsilon={target_epsilon}; use fewer steps or a larger budget")
+    while hi - lo > rel_tol * hi:
+        mid = (lo + hi) / 2
+        if eps_at(mid) > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+@dataclass(frozen=True, kw_only=True)
+class StagePlan:
+    stage: str
+    batch_size: int
+    sample_rate: float
+    steps: int
+    noise_multiplier: float
+    clip_norm: float
+    epsilon_alone: float
+
+    def event(self, steps: int | None = None) -> DPEvent:
+        return DPEvent(stage=self.stage, noise_multiplier=self.noise_multiplier,
+                       sample_rate=self.sample_rate,
+                       steps=self.steps if steps is None else steps, clip_norm=self.clip_norm)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacyPlan:
+    accountant: str
+    target_epsilon: float
+    delta: float
+    n: int
+    stages: tuple[StagePlan, ...]
+    epsilon: float
+
+    def stage(self, name: str) -> StagePlan:
+        for s in self.stages:
+            if s.stage == name:
+                return s
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["accountant_name"] = ACCOUNTANTS[self.accountant]
+        return d
+
+
+def steps_for(epochs: float, n: int, batch_size: int) -> int:
+    return max(1, math.ceil(epochs * n / batch_size))
+
+
+def plan(n: int, cfg: RunConfig) -> PrivacyPlan:
+    """Noise multipliers for both stages from public quantities only."""
+    p = cfg.privacy
+    if p.delta >= 1.0 / n:
+        raise PrivacyError(f"delta={p.delta:g} must be below 1/n = {1.0 / n:.3g} "
+                           f"(n = {n} training records)")
+    specs = []
+    for name, sc in (("autoencoder", cfg.autoencoder), ("diffusion", cfg.diffusion)):
+        if sc.batch_size > n:
+            raise PrivacyError(f"{name}: batch size {sc.batch_size} exceeds n = {n}")
+        specs.append((name, sc.batch_size, sc.batch_size / n,
+                      steps_for(sc.epochs, n, sc.batch_size), sc.clip_norm))
+
+    (n1, b1, q1, t1, c1), (n2, b2, q2, t2, c2) = specs
+    eps1 = p.epsilon * p.autoencoder_share
+    sigma1 = calibrate_sigma(target_epsilon=eps1, delta=p.delta, prior=[], stage=n1,
+                             sample_rate=q1, steps=t1, clip_norm=c1, accountant=p.accountant)
+    ev1 = DPEvent(stage=n1, noise_multiplier=sigma1, sample_rate=q1, steps=t1, clip_norm=c1)
+    sigma2 = calibrate_sigma(target_epsilon=p.epsilon, delta=p.delta, prior=[ev1], stage=n2,
+                             sample_rate=q2, steps=t2, clip_norm=c2, accountant=p.accountant)
+    ev2 = DPEvent(stage=n2, noise_multiplier=sigma2, sample_rate=q2, steps=t2, clip_norm=c2)
+    stages = tuple(
+        StagePlan(stage=ev.stage, batch_size=b, sample_rate=ev.sample_rate, steps=ev.steps,
+                  noise_multiplier=ev.noise_multiplier, clip_norm=ev.clip_norm,
+                  epsilon_alone=epsilon([ev], p.delta, p.accountant))
+        for ev, b in ((ev1, b1), (ev2, b2)))
+    total = epsilon([ev1, ev2], p.delta, p.accountant)
+    if total > p.epsilon:
+        raise PrivacyError(f"calibration failed: composed epsilon {total} > {p.epsilon}")
+    return PrivacyPlan(accountant=p.accountant, target_epsilon=p.epsilon, delta=p.delta, n=n,
+                       stages=stages, epsilon=total)

@@ -1,0 +1,43 @@
+"""Process settings for fast per-example-gradient training on CPU.
+
+glibc's default allocator returns large blocks to the OS and maps fresh ones on every step,
+which slows per-example-gradient training 2-3x; disabling mmap for large blocks and the trim
+threshold (the same effect as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...) removes that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+import torch
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+
+
+def tune_allocator() -> bool:
+    """Apply the allocator settings through mallopt; False where glibc is not available."""
+    if os.environ.get("DPLATENT_KEEP_MALLOC"):
+        return False
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        ok1 = libc.mallopt(M_MMAP_MAX, 0)
+        ok2 = libc.mallopt(M_TRIM_THRESHOLD, 100_000_000_000 & 0x7FFFFFFF)
+        return bool(ok1 and ok2)
+    except (OSError, AttributeError):
+        return False
+
+
+def set_threads(threads: int) -> int:
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)

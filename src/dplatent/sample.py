@@ -1,0 +1,142 @@
+"""Sampling and decoding: post-processing of the DP-trained models, free of privacy cost.
+
+Writes `x` (N, H, W) or (N, H, W, C) uint8 and `y` (N,) int64, classes balanced by default.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dplatent.config import RunConfig, from_dict  # noqa: E402
+from dplatent.diffusion.sampler import sample_latents  # noqa: E402
+from dplatent.errors import ConfigError, DplatentError  # noqa: E402
+from dplatent.io import atomic_write  # noqa: E402
+from dplatent.models.autoencoder import Autoencoder  # noqa: E402
+from dplatent.models.denoiser import Denoiser  # noqa: E402
+from dplatent.train.loop import checkpoint_path, load_checkpoint  # noqa: E402
+from dplatent.train.stages import build_autoencoder, build_denoiser  # noqa: E402
+
+
+class TrainedRun:
+    """The published part of a run: decoder and EMA denoiser (and the resolved config)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        cfg_path = self.dir / "config.json"
+        if not cfg_path.is_file():
+            raise DplatentError(f"{self.dir}: not a run directory (no config.json)")
+        raw = json.loads(cfg_path.read_text())
+        self.meta = raw.pop("derived")
+        self.cfg: RunConfig = from_dict(raw)
+        self.num_classes = int(self.meta["num_classes"])
+        ae_plan = self.meta["privacy_plan"]["stages"]
+        self.planned_steps = {s["stage"]: s["steps"] for s in ae_plan}
+        self.autoencoder = self._load_ae()
+        self.denoiser = self._load_denoiser()
+
+    def _checkpoint(self, stage: str) -> dict:
+        path = checkpoint_path(self.dir, stage)
+        if not path.is_file():
+            raise DplatentError(f"{self.dir}: stage {stage} has no checkpoint; "
+                                f"run `dplatent train --resume {self.dir}` first")
+        ck = load_checkpoint(path)
+        if int(ck["step"]) < self.planned_steps[stage]:
+            raise DplatentError(f"{self.dir}: stage {stage} is unfinished "
+                                f"({ck['step']}/{self.planned_steps[stage]} steps); "
+                                f"run `dplatent train --resume {self.dir}`")
+        return ck
+
+    def _load_ae(self) -> Autoencoder:
+        ae = build_autoencoder(self.cfg, self.meta["channels"], self.meta["image_size"])
+        ae.load_state_dict(self._checkpoint("autoencoder")["model"])
+        return ae.eval()
+
+    def _load_denoiser(self) -> Denoiser:
+        dim = int(np.prod(self.autoencoder.latent_shape))
+        den = build_denoiser(self.cfg, dim, self.num_classes)
+        ema = self._checkpoint("diffusion")["ema"]
+        state = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+        den.load_state_dict(state if state else self._checkpoint("diffusion")["model"])
+        return den.eval()
+
+
+def balanced_labels(num: int, num_classes: int) -> np.ndarray:
+    return np.arange(num) % num_classes
+
+
+@torch.no_grad()
+def generate(run: TrainedRun, num: int, *, seed: int = 0, guidance: float | None = None,
+             steps: int | None = None, sampler: str | None = None,
+             labels: np.ndarray | None = None, progress: bool = True) -> tuple[np.ndarray,
+                                                                               np.ndarray]:
+    """(x uint8, y int64) of `num` decoded samples."""
+    if num < 1:
+        raise ConfigError(f"number of samples must be >= 1, got {num}")
+    s, d = run.cfg.sampling, run.cfg.diffusion
+    y = balanced_labels(num, run.num_classes) if labels is None else labels
+    shape = run.autoencoder.latent_shape
+    z = sample_latents(run.denoiser, y, dim=int(np.prod(shape)), seed=seed,
+                       steps=steps or s.steps,
+                       guidance=s.guidance if guidance is None else guidance,
+                       null_label=run.num_classes, train_timesteps=d.train_timesteps,
+                       beta_schedule=d.beta_schedule, sampler=sampler or s.sampler,
+                       batch_size=s.batch_size, progress=progress)
+    images = []
+    for i in range(0, len(z), s.batch_size):
+        images.append(run.autoencoder.decode(z[i:i + s.batch_size].view(-1, *shape)))
+    x = (torch.cat(images).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    x = x[:, 0] if x.shape[1] == 1 else x.transpose(0, 2, 3, 1)
+    return x, y.astype(np.int64)
+
+
+def save_npz(path: str | Path, x: np.ndarray, y: np.ndarray) -> Path:
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.savez_compressed(f, x=x, y=y)
+    return atomic_write(path, write)
+
+
+def save_png_dir(folder: str | Path, x: np.ndarray, y: np.ndarray,
+                 class_names: list[str]) -> None:
+    folder = Path(folder)
+    for c in np.unique(y):
+        sub = folder / f"{int(c):02d}_{_safe(class_names[int(c)])}"
+        sub.mkdir(parents=True, exist_ok=True)
+        for i in np.flatnonzero(y == c):
+            img = x[i]
+            plt.imsave(sub / f"{i:06d}.png", img, cmap="gray" if img.ndim == 2 else None,
+                       vmin=0, vmax=255)
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-") or "class"
+
+
+def save_grid(path: str | Path, x: np.ndarray, y: np.ndarray, class_names: list[str],
+              per_class: int = 10) -> Path:
+    """One row per class, `per_class` samples each."""
+    classes = sorted(np.unique(y).tolist())
+    fig, axes = plt.subplots(len(classes), per_class,
+                             figsize=(per_class * 0.8 + 1.2, len(classes) * 0.8), squeeze=False)
+    for r, c in enumerate(classes):
+        idx = np.flatnonzero(y == c)[:per_class]
+        for j in range(per_class):
+            ax = axes[r][j]
+            ax.axis("off")
+            if j < len(idx):
+                img = x[idx[j]]
+                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
+        axes[r][0].text(-4, x.shape[1] / 2, class_names[c], ha="right", va="center",
+                        fontsize=8)
+    fig.subplots_adjust(left=0.15, wspace=0.05, hspace=0.05)
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,145 @@
+"""One DP training loop for both stages: step, EMA, checkpoint, resume, progress, log.
+
+Checkpoint policy (what makes resume sound): a stage's checkpoint holds the model, optimizer,
+EMA, the step count and every random generator's state. Right after a checkpoint is written
+(atomically), the ledger entry of the stage is set to that step count and saved (atomically).
+So the ledger counts exactly the DP steps whose results are in a saved model. Steps computed
+after the last checkpoint and lost in a crash never reach any output; on resume they are
+redone from the checkpoint. On resume the ledger is rebuilt from the checkpoints, so a crash
+between the two writes cannot make it lag.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from dplatent.io import atomic_write
+from dplatent.privacy.accounting import StagePlan
+from dplatent.privacy.dp_training import make_trainer, poisson_batches
+from dplatent.privacy.ledger import Ledger
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageSettings:
+    name: str
+    plan: StagePlan
+    lr: float
+    physical_batch_size: int
+    grad_mode: str             # 'hooks' or 'ghost'
+    ema_decay: float | None    # None: no EMA
+    checkpoint_every: int
+    seed: int
+
+
+def checkpoint_path(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{stage}.pt"
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load tensors and plain containers only (weights_only=True refuses pickled objects)."""
+    from dplatent.errors import DplatentError
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DplatentError(f"{path}: cannot load checkpoint safely ({exc})") from exc
+
+
+def stage_steps_done(run_dir: Path, stage: str) -> int:
+    path = checkpoint_path(run_dir, stage)
+    return int(load_checkpoint(path)["step"]) if path.is_file() else 0
+
+
+def _log(run_dir: Path, record: dict) -> None:
+    with open(Path(run_dir) / "train_log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train_stage(model: nn.Module, n: int, loss_fn: LossFn, s: StageSettings, ledger: Ledger,
+                run_dir: Path, progress: bool = True) -> nn.Module:
+    """Train `model` under DP-SGD for s.plan.steps steps (resuming if a checkpoint exists).
+
+    `loss_fn(module, indices, generator)` returns the per-example losses of those records.
+    Returns the model to use downstream: the EMA copy when s.ema_decay is set.
+    """
+    plan = s.plan
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(s.ema_decay))
+           if s.ema_decay is not None else None)
+    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
+    sample_gen = torch.Generator().manual_seed(s.seed * 2 + 1)
+    noise_gen = torch.Generator().manual_seed(s.seed * 2 + 2)
+    loss_gen = torch.Generator().manual_seed(s.seed * 2 + 3)
+    start = 0
+    path = checkpoint_path(run_dir, s.name)
+    if path.is_file():
+        ck = load_checkpoint(path)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(ck["ema"])
+        for gen, key in ((sample_gen, "sample_rng"), (noise_gen, "noise_rng"),
+                         (loss_gen, "loss_rng")):
+            gen.set_state(ck[key])
+        start = int(ck["step"])
+        ledger.record(plan.event(steps=start))
+        ledger.save(run_dir)
+    if start >= plan.steps:
+        return _final(model, ema)
+
+    trainer = make_trainer(model, optimizer, mode=s.grad_mode,
+                           noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
+                           expected_batch_size=plan.batch_size, noise_generator=noise_gen)
+    def save(step: int) -> float:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "ema": ema.state_dict() if ema is not None else {}, "step": step,
+                 "sample_rng": sample_gen.get_state(), "noise_rng": noise_gen.get_state(),
+                 "loss_rng": loss_gen.get_state()}
+        atomic_write(path, lambda p: torch.save(state, p))
+        ledger.record(plan.event(steps=step))
+        return ledger.save(run_dir)["epsilon"]
+
+    def bound_loss(module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        return loss_fn(module, idx, loss_gen)
+
+    model.train()
+    t0 = time.time()
+    log_every = max(1, plan.steps // 100)
+    bar = tqdm(total=plan.steps, initial=start, desc=s.name, unit="step", disable=not progress,
+               dynamic_ncols=True)
+    batches = poisson_batches(n=n, sample_rate=plan.sample_rate, steps=plan.steps - start,
+                              physical_batch_size=s.physical_batch_size, generator=sample_gen)
+    running, spent = None, ledger.epsilon()
+    for step, chunks in enumerate(batches, start=start + 1):
+        loss = trainer.step_logical(chunks, bound_loss)
+        if ema is not None:
+            ema.update_parameters(model)
+        if loss == loss:  # not NaN (empty batch)
+            running = loss if running is None else 0.95 * running + 0.05 * loss
+        if step % s.checkpoint_every == 0 or step == plan.steps:
+            spent = save(step)
+        if step % log_every == 0 or step == plan.steps:
+            # epsilon: the ledger's total for the steps saved so far (all stages).
+            bar.set_postfix(loss=f"{running:.4f}", eps=f"{spent:.2f}")
+            _log(run_dir, {"stage": s.name, "step": step, "loss": running, "epsilon": spent,
+                           "time": time.time() - t0})
+        bar.update(1)
+    bar.close()
+    trainer.close()
+    return _final(model, ema)
+
+
+def _final(model: nn.Module, ema: AveragedModel | None) -> nn.Module:
+    out = copy.deepcopy(ema.module if ema is not None else model)
+    out.eval()
+    return out

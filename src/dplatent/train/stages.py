@@ -1,0 +1,132 @@
+"""The two private stages and the whole training run.
+
+stage 1: DP autoencoder on private images          -> ledger entry 'autoencoder'
+         frozen encoder maps private images to latents (private; kept in memory only)
+stage 2: DP class-conditional denoiser on latents  -> ledger entry 'diffusion'
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dplatent import data as data_mod
+from dplatent import runtime
+from dplatent.config import RunConfig
+from dplatent.diffusion.loss import denoising_loss
+from dplatent.diffusion.schedule import alphas_cumprod
+from dplatent.errors import ConfigError
+from dplatent.io import write_json
+from dplatent.models.autoencoder import Autoencoder, reconstruction_loss
+from dplatent.models.denoiser import Denoiser
+from dplatent.privacy.accounting import PrivacyPlan, plan as make_plan
+from dplatent.privacy.ledger import Ledger
+from dplatent.train.loop import StageSettings, train_stage
+
+
+def build_autoencoder(cfg: RunConfig, channels: int, image_size: int) -> Autoencoder:
+    a = cfg.autoencoder
+    return Autoencoder(in_channels=channels, image_size=image_size, channels=a.channels,
+                       latent_channels=a.latent_channels)
+
+
+def build_denoiser(cfg: RunConfig, dim: int, num_classes: int) -> Denoiser:
+    d = cfg.diffusion
+    return Denoiser(dim=dim, num_classes=num_classes, hidden=d.hidden, blocks=d.blocks,
+                    expansion=d.expansion)
+
+
+def train_autoencoder(images: torch.Tensor, cfg: RunConfig, plan: PrivacyPlan, ledger: Ledger,
+                      run_dir: Path, progress: bool = True) -> Autoencoder:
+    model = build_autoencoder(cfg, images.shape[1], images.shape[2])
+
+    def loss_fn(module, idx, gen):
+        return reconstruction_loss(module, images[idx])
+
+    settings = StageSettings(name="autoencoder", plan=plan.stage("autoencoder"),
+                             lr=cfg.autoencoder.lr,
+                             physical_batch_size=cfg.autoencoder.physical_batch_size,
+                             grad_mode="hooks", ema_decay=None,
+                             checkpoint_every=cfg.checkpoint_every, seed=cfg.seed)
+    return train_stage(model, len(images), loss_fn, settings, ledger, run_dir, progress)
+
+
+@torch.no_grad()
+def encode(ae: Autoencoder, images: torch.Tensor, batch_size: int = 2000) -> torch.Tensor:
+    """Flat latents [N, D] of private images: private data, never written to disk."""
+    return torch.cat([ae.encode(images[i:i + batch_size]).flatten(1)
+                      for i in range(0, len(images), batch_size)])
+
+
+def train_diffusion(latents: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                    cfg: RunConfig, plan: PrivacyPlan, ledger: Ledger, run_dir: Path,
+                    progress: bool = True) -> Denoiser:
+    d = cfg.diffusion
+    model = build_denoiser(cfg, latents.shape[1], num_classes)
+    acp = alphas_cumprod(d.train_timesteps, d.beta_schedule)
+
+    def loss_fn(module, idx, gen):
+        return denoising_loss(module, latents[idx], labels[idx], alphas_cumprod=acp,
+                              multiplicity=d.noise_multiplicity, label_dropout=d.label_dropout,
+                              null_label=num_classes, generator=gen)
+
+    settings = StageSettings(name="diffusion", plan=plan.stage("diffusion"), lr=d.lr,
+                             physical_batch_size=d.physical_batch_size, grad_mode="ghost",
+                             ema_decay=d.ema_decay, checkpoint_every=cfg.checkpoint_every,
+                             seed=cfg.seed + 1)
+    return train_stage(model, len(latents), loss_fn, settings, ledger, run_dir, progress)
+
+
+def save_config(run_dir: Path, cfg: RunConfig, plan: PrivacyPlan, meta: dict) -> None:
+    write_json(run_dir / "config.json", {**cfg.to_dict(), "derived": {
+        "privacy_plan": plan.to_dict(), **meta}})
+
+
+def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
+          resume: bool = False, progress: bool = True) -> dict:
+    """The whole private part of a run; returns timings. Writes only into run_dir."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise ConfigError(f"{run_dir} exists and is not empty; use --resume to continue it "
+                          "or choose another --out")
+    private = data_mod.load(dataset, "train", data_dir)
+    n = len(private)
+    plan = make_plan(n, cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runtime.tune_allocator()
+    runtime.set_threads(cfg.threads)
+    runtime.seed_everything(cfg.seed)
+    meta = {"dataset": dataset, "n": n, "num_classes": private.num_classes,
+            "channels": private.channels, "image_size": private.image_size,
+            "class_names": data_mod.class_names(dataset, private.num_classes),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "machine": platform.platform()}
+    save_config(run_dir, cfg, plan, meta)
+    ledger = Ledger(accountant=plan.accountant, target_epsilon=plan.target_epsilon,
+                    delta=plan.delta)
+    images = torch.from_numpy(private.to_float())
+    labels = torch.from_numpy(private.y)
+    timings = {}
+    t = time.time()
+    ae = train_autoencoder(images, cfg, plan, ledger, run_dir, progress)
+    timings["autoencoder_s"] = time.time() - t
+    t = time.time()
+    latents = encode(ae, images)
+    den = train_diffusion(latents, labels, private.num_classes, cfg, plan, ledger, run_dir,
+                          progress)
+    timings["diffusion_s"] = time.time() - t
+    del latents, images
+    _write_timings(run_dir, timings)
+    return {"timings": timings, "ledger": ledger.to_dict(), "autoencoder": ae, "denoiser": den}
+
+
+def _write_timings(run_dir: Path, timings: dict) -> None:
+    path = run_dir / "timings.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    write_json(path, {**old, **{k: round(v, 2) for k, v in timings.items()}})

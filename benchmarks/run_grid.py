@@ -1,0 +1,178 @@
+"""The standard benchmark grid: {MNIST, Fashion-MNIST} x epsilon {1, 10}, delta 1e-5.
+
+Each cell runs `dplatent train`, `dplatent sample` and `dplatent evaluate` as subprocesses and
+records command, wall times, peak memory and metrics. Resumable per cell: a cell with a record
+in benchmarks/results.json is skipped (use --force to redo it); a cell whose run directory
+exists resumes training from its checkpoints. Run it in the background:
+
+    nohup python benchmarks/run_grid.py --preset full > benchmarks/grid.log 2>&1 &
+
+Writes benchmarks/results.json and the measured table of BENCHMARKS.md (between markers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results.json"
+BENCH_MD = ROOT / "BENCHMARKS.md"
+BEGIN, END = "<!-- grid:begin -->", "<!-- grid:end -->"
+DATASETS = ("mnist", "fashion-mnist")
+EPSILONS = (1.0, 10.0)
+
+
+def run(cmd: list[str], log) -> tuple[float, int]:
+    """Run a command; returns (wall seconds, peak RSS of the child in MB)."""
+    log.write(f"$ {shlex.join(cmd)}\n")
+    log.flush()
+    t = time.time()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return time.time() - t, max(before, after) // 1024
+
+
+def load_results() -> list[dict]:
+    return json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+
+
+def save_results(results: list[dict]) -> None:
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, RESULTS)
+
+
+def cell_key(r: dict) -> tuple:
+    return (r["dataset"], float(r["epsilon"]), r["preset"])
+
+
+def run_cell(args, dataset: str, epsilon: float, log) -> dict:
+    exe = [sys.executable, "-m", "dplatent"]
+    run_dir = Path(args.runs) / f"{dataset}-eps{epsilon:g}-{args.preset}"
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    if (run_dir / "config.json").is_file():
+        train_cmd = [*exe, "train", "--resume", "--out", str(run_dir), "--no-progress", *data]
+    else:
+        train_cmd = [*exe, "train", "--dataset", dataset, "--epsilon", f"{epsilon:g}",
+                     "--delta", f"{args.delta:g}", "--preset", args.preset, "--out",
+                     str(run_dir), "--no-progress", *data, *sum(
+                         (["--set", s] for s in args.set), [])]
+    train_wall, rss1 = run(train_cmd, log)
+    synth = run_dir / "synthetic.npz"
+    sample_cmd = [*exe, "sample", "--run", str(run_dir), "--num", str(args.num_samples),
+                  "--out", str(synth), "--no-progress"]
+    sample_wall, rss2 = run(sample_cmd, log)
+    eval_json = run_dir / "eval.json"
+    eval_cmd = [*exe, "evaluate", "--synthetic", str(synth), "--dataset", dataset,
+                "--metrics", args.metrics, "--fid-samples", str(args.fid_samples),
+                "--out", str(eval_json), *data]
+    eval_wall, rss3 = run(eval_cmd, log)
+    ev = json.loads(eval_json.read_text())
+    ledger = json.loads((run_dir / "privacy.json").read_text())
+    timings = json.loads((run_dir / "timings.json").read_text())
+    return {
+        "dataset": dataset, "epsilon": epsilon, "delta": args.delta, "preset": args.preset,
+        "public_data": False,
+        "cnn_acc": ev.get("cnn_acc"), "cnn_acc_std": ev.get("cnn_acc_std"),
+        "mlp_acc": ev.get("mlp_acc"), "logreg_acc": ev.get("logreg_acc"),
+        "fid": ev.get("fid"), "fid_samples": ev.get("fid_samples"),
+        "epsilon_ledger": ledger["epsilon"], "accountant": ledger["accountant"],
+        "train_wall_s": round(timings.get("autoencoder_s", 0) + timings.get("diffusion_s", 0),
+                              1),
+        "autoencoder_wall_s": timings.get("autoencoder_s"),
+        "diffusion_wall_s": timings.get("diffusion_s"),
+        "train_command_wall_s": round(train_wall, 1),
+        "sample_wall_s": round(sample_wall, 1), "eval_wall_s": round(eval_wall, 1),
+        "num_samples": args.num_samples,
+        "peak_rss_mb": max(rss1, rss2, rss3),
+        "command": shlex.join(train_cmd),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
+        "date": dt.date.today().isoformat(),
+    }
+
+
+def fmt(v, pct: bool = False, digits: int = 1) -> str:
+    if v is None:
+        return "—"
+    return f"{100 * v:.{digits}f}" if pct else f"{v:.{digits}f}"
+
+
+def table(results: list[dict]) -> str:
+    head = ("| data set | ε (ledger) | preset | CNN % | MLP % | LogReg % | FID (n) | "
+            "train AE / diff. (s) | sample (s) | peak RSS (MB) | date |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for r in sorted(results, key=lambda r: (r["dataset"], -r["epsilon"], r["preset"])):
+        cnn = fmt(r["cnn_acc"], True)
+        if r.get("cnn_acc_std") is not None:
+            cnn += f" ± {fmt(r['cnn_acc_std'], True)}"
+        fid = "—" if r["fid"] is None else f"{r['fid']:.1f} ({r['fid_samples']})"
+        rows.append(
+            f"| {r['dataset']} | {r['epsilon']:g} ({r['epsilon_ledger']:.2f}) | {r['preset']} "
+            f"| {cnn} | {fmt(r['mlp_acc'], True)} | {fmt(r['logreg_acc'], True)} | {fid} "
+            f"| {fmt(r['autoencoder_wall_s'], digits=0)} / {fmt(r['diffusion_wall_s'], digits=0)}"
+            f" | {fmt(r['sample_wall_s'], digits=0)} | {r['peak_rss_mb']} | {r['date']} |")
+    cmds = "\n".join(f"- `{r['dataset']}` ε={r['epsilon']:g}: `{r['command']}`"
+                     for r in results)
+    return head + "\n".join(rows) + "\n\nCommands:\n\n" + cmds + "\n"
+
+
+def write_markdown(results: list[dict]) -> None:
+    text = BENCH_MD.read_text() if BENCH_MD.is_file() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text:
+        text += f"\n{BEGIN}\n{END}\n"
+    pre, rest = text.split(BEGIN, 1)
+    _, post = rest.split(END, 1)
+    BENCH_MD.write_text(pre + BEGIN + "\n" + table(results) + END + post)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="full")
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILONS))
+    ap.add_argument("--delta", type=float, default=1e-5)
+    ap.add_argument("--data-dir", default=os.environ.get("DPLATENT_DATA"))
+    ap.add_argument("--runs", default=str(ROOT / "benchmarks" / "runs"))
+    ap.add_argument("--num-samples", type=int, default=60000)
+    ap.add_argument("--fid-samples", type=int, default=10000)
+    ap.add_argument("--metrics", default="fid,cnn,mlp,logreg")
+    ap.add_argument("--set", action="append", default=[], help="config override per cell")
+    ap.add_argument("--force", action="store_true", help="redo cells that have results")
+    ap.add_argument("--markdown-only", action="store_true",
+                    help="rewrite BENCHMARKS.md from results.json and exit")
+    args = ap.parse_args()
+    results = load_results()
+    if args.markdown_only:
+        write_markdown(results)
+        return
+    log_path = ROOT / "benchmarks" / "grid.log"
+    with open(log_path, "a") as log:
+        for dataset in args.datasets.split(","):
+            for eps in (float(e) for e in args.epsilons.split(",")):
+                key = (dataset, eps, args.preset)
+                done = [r for r in results if cell_key(r) == key]
+                if done and not args.force:
+                    print(f"skip {key}: already in {RESULTS.name}", flush=True)
+                    continue
+                print(f"cell {key} ...", flush=True)
+                rec = run_cell(args, dataset, eps, log)
+                results = [r for r in results if cell_key(r) != key] + [rec]
+                save_results(results)
+                write_markdown(results)
+                print(f"cell {key}: {json.dumps(rec)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -48,12 +48,12 @@ def synthetic(n: int = 200, seed: int = 2) -> data.LabelledImages:
 def test_evaluate_reports_requested_metrics_and_writes_json(real, tmp_path):
     result = ev.evaluate(synthetic(), real, metrics=["logreg", "fid"], fid_samples=100,
                          fid_model=TinyExtractor(), fid_cache_dir=tmp_path / "stats",
-                         fid_batch_size=50, seeds=2, epochs={"logreg": 3}, threads=1,
-                         progress=False)
+                         fid_batch_size=50, seeds=2, epochs={"logreg": 5}, batch_size=32,
+                         threads=1, progress=False)
     assert result["metrics"] == ["fid", "logreg"]
     assert "cnn_acc" not in result and "mlp_acc" not in result
     assert result["logreg_acc"] > 0.9 and len(result["logreg_acc_per_seed"]) == 2
-    assert 0 <= result["logreg_acc_std"] < 0.1 and result["logreg_epochs"] == 3
+    assert 0 <= result["logreg_acc_std"] < 0.1 and result["logreg_epochs"] == 5
     assert result["fid_samples"] == 100 and result["fid_reference_samples"] == 100
     assert result["fid_reference"].endswith("real.npz") and result["fid"] >= 0
     assert "small-sample bias" in result["fid_warning"]
@@ -151,3 +151,13 @@ def test_run_dir_evaluation_reads_dataset_from_config_and_writes_eval_json(real,
     saved = json.loads((run / "eval.json").read_text())
     assert saved["logreg_acc"] == result["logreg_acc"] > 0.8
     assert "logreg" in capsys.readouterr().out
+
+
+def test_bad_classifier_options_fail_before_any_work(real, monkeypatch):
+    monkeypatch.setattr(ev.data, "load", lambda *a: pytest.fail("loaded data before checking"))
+    with pytest.raises(ConfigError, match="unknown classifier"):
+        ev.evaluate(synthetic(), real, metrics=["cnn"], epochs={"cnnn": 3})
+    with pytest.raises(ConfigError, match="positive"):
+        ev.evaluate(synthetic(), real, metrics=["mlp"], seeds=0)
+    with pytest.raises(ConfigError, match="'train' or 'test'"):
+        ev.evaluate(synthetic(), real, metrics=["fid"], fid_reference="val")

@@ -79,40 +79,53 @@ def evaluate(synthetic: LabelledImages, dataset: str, data_dir: str | Path | Non
     """
     start = time.perf_counter()
     metrics = parse_metrics(metrics)
+    configs = classifier_configs([m for m in metrics if m in classifier.KINDS], epochs or {},
+                                 seeds, batch_size, val_fraction, threads)
     if fid_reference not in ("train", "test"):
         raise ConfigError(f"FID reference must be 'train' or 'test', got {fid_reference!r}")
     real_test = data.load(dataset, "test", data_dir)
     check_matches(synthetic, real_test)
     result: dict = {"dataset": dataset, "synthetic": synthetic.name,
                     "n_synthetic": len(synthetic), "metrics": metrics}
-
     if "fid" in metrics:  # load (and verify) the network first: fail before hours of training
         model, weights_sha = _fid_model(fid_model, fid_weights)
         reference = real_test if fid_reference == "test" else data.load(dataset, "train", data_dir)
         options = fid.FidOptions(
-            samples=fid_samples, reference_split=fid_reference, batch_size=fid_batch_size,
-            threads=threads, progress=progress,
+            samples=fid_samples, batch_size=fid_batch_size, threads=threads, progress=progress,
             cache_dir=Path(fid_cache_dir) if fid_cache_dir else fid.default_stats_dir())
-        res = fid.compute_fid(synthetic.x, reference.x, reference.name, model, weights_sha, options)
-        if res.warning:
-            print(f"warning: {res.warning}", flush=True)
-        result.update(fid=res.fid, fid_samples=res.samples, fid_reference=res.reference,
-                      fid_reference_samples=res.reference_samples, fid_warning=res.warning,
-                      fid_seconds=res.seconds, fid_images_per_second=res.images_per_second,
-                      fid_reference_cached=res.reference_cached, fid_weights_sha256=weights_sha)
-
-    epochs = {**classifier.DEFAULT_EPOCHS, **(epochs or {})}
-    for kind in (m for m in metrics if m in classifier.KINDS):
-        config = ClassifierConfig(epochs=epochs[kind], batch_size=batch_size, lr=1e-3,
-                                  val_fraction=val_fraction, seeds=seeds, threads=threads)
+        result.update(fid_entries(synthetic, reference, model, weights_sha, options))
+    for kind, config in configs.items():
         res = classifier.downstream_accuracy(kind, synthetic, real_test, config)
         result.update({f"{kind}_acc": res.accuracy, f"{kind}_acc_std": res.std,
                        f"{kind}_acc_per_seed": res.per_seed, f"{kind}_val_acc": res.val_accuracy,
                        f"{kind}_best_epoch": res.best_epoch, f"{kind}_epochs": res.epochs,
-                       f"{kind}_seconds": res.seconds})
-        result["classifier_seeds"] = seeds
+                       f"{kind}_seconds": res.seconds, "classifier_seeds": seeds})
     result["wall_seconds"] = time.perf_counter() - start
     return result
+
+
+def classifier_configs(kinds: list[str], epochs: dict[str, int], seeds: int, batch_size: int,
+                       val_fraction: float, threads: int | None) -> dict[str, ClassifierConfig]:
+    """Validated configuration per requested classifier (before any expensive work)."""
+    unknown = sorted(set(epochs) - set(classifier.KINDS))
+    if unknown:
+        raise ConfigError(f"epochs given for unknown classifier(s) {unknown}; "
+                          f"choose from {classifier.KINDS}")
+    epochs = {**classifier.DEFAULT_EPOCHS, **epochs}
+    return {kind: ClassifierConfig(epochs=epochs[kind], batch_size=batch_size,
+                                   val_fraction=val_fraction, seeds=seeds, threads=threads)
+            for kind in kinds}
+
+
+def fid_entries(synthetic: LabelledImages, reference: LabelledImages, model: torch.nn.Module,
+                weights_sha: str, options: fid.FidOptions) -> dict:
+    res = fid.compute_fid(synthetic.x, reference.x, reference.name, model, weights_sha, options)
+    if res.warning:
+        print(f"warning: {res.warning}", flush=True)
+    return {"fid": res.fid, "fid_samples": res.samples, "fid_reference": res.reference,
+            "fid_reference_samples": res.reference_samples, "fid_warning": res.warning,
+            "fid_seconds": res.seconds, "fid_images_per_second": res.images_per_second,
+            "fid_reference_cached": res.reference_cached, "fid_weights_sha256": weights_sha}
 
 
 def _fid_model(model: torch.nn.Module | None, weights: str | Path | None) -> tuple[torch.nn.Module,

@@ -327,8 +327,7 @@ def _write_stats(path: Path, stats: FeatureStats, key: str, label: str, weights_
 
 @dataclass(frozen=True)
 class FidOptions:
-    samples: int = 10_000
-    reference_split: str = "train"  # 'train' or 'test' split of the real data set
+    samples: int = 10_000  # per side: synthetic and reference each use min(samples, available)
     batch_size: int = 50
     seed: int = 0  # seed of the fixed random subsets
     threads: int | None = None

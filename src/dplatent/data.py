@@ -116,6 +116,19 @@ def validate_arrays(x: np.ndarray, y: np.ndarray, num_classes: int, source: str)
                         f"found {int(y.min())}..{int(y.max())}")
 
 
+def _read_bounded(f, size: int, block: int = 1 << 24) -> bytes:
+    """Up to `size` bytes, read in blocks so that memory follows what the file holds, not
+    what its header claims (a single f.read(size) allocates `size` bytes up front)."""
+    parts = []
+    while size > 0:
+        part = f.read(min(size, block))
+        if not part:
+            break
+        parts.append(part)
+        size -= len(part)
+    return b"".join(parts)
+
+
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (gzip-compressed or raw) of unsigned bytes, checking its header."""
     path = Path(path)
@@ -143,7 +156,7 @@ def read_idx(path: str | Path) -> np.ndarray:
             expected = int(np.prod(dims, dtype=np.int64))
             if expected == 0 or expected > IDX_MAX_BYTES:
                 raise DataError(f"{path}: header claims dimensions {dims}, which is implausible")
-            payload = f.read(expected)
+            payload = _read_bounded(f, expected)
             if len(payload) < expected:
                 raise DataError(f"{path}: truncated: header claims {expected} bytes of data, "
                                 f"file holds {len(payload)}")
@@ -264,6 +277,9 @@ def load_builtin(name: str, split: str, data_dir: str | Path | None = None) -> L
         raise DataError(f"{paths[1]}: expected a 1-D label file, got {y.ndim}-D")
     if len(x) != len(y):
         raise DataError(f"{paths[0]} has {len(x)} images but {paths[1]} has {len(y)} labels")
+    if y.max() >= NUM_CLASSES[name]:
+        raise DataError(f"{paths[1]}: labels must lie in [0, {NUM_CLASSES[name] - 1}], "
+                        f"found {int(y.max())}")
     return LabelledImages(x=x, y=y.astype(np.int64), num_classes=NUM_CLASSES[name],
                           name=f"{name}/{split}")
 

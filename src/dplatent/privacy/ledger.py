@@ -71,9 +71,9 @@ class Ledger:
             d = json.loads(path.read_text())
             events = [DPEvent(**{k: v for k, v in e.items() if k != "epsilon_alone"})
                       for e in d["entries"]]
-            return cls(accountant=d["accountant"], target_epsilon=d["target_epsilon"],
-                       delta=d["delta"], events=events)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return cls(accountant=d["accountant"], target_epsilon=float(d["target_epsilon"]),
+                       delta=float(d["delta"]), events=events)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, PrivacyError) as exc:
             raise PrivacyError(f"{path}: unreadable privacy ledger ({exc})") from exc
 
 

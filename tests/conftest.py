@@ -1,0 +1,84 @@
+"""Shared helpers for the core tests: the real-data folder, small synthetic data sets, IDX files."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV_DATA = "DPLATENT_DATA"
+
+
+def real_data_root() -> Path | None:
+    """The folder named by $DPLATENT_DATA (relative paths: to the working directory, else to the
+    repository root), or None when the variable is unset."""
+    env = os.environ.get(ENV_DATA)
+    if not env:
+        return None
+    path = Path(env)
+    if not path.is_absolute() and not path.exists():
+        path = ROOT / path
+    return path.resolve()
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    path = real_data_root()
+    if path is None:
+        pytest.skip(f"{ENV_DATA} is not set")
+    if not path.is_dir():
+        pytest.fail(f"{ENV_DATA}={path} is not a folder")
+    return path
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models run fastest (and share the machine best) on one thread."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def synthetic_images(n: int, num_classes: int = 10, size: int = 28,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced labels and uint8 images with a class-dependent bar plus noise."""
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % num_classes).astype(np.int64)
+    rng.shuffle(y)
+    x = rng.integers(0, 60, size=(n, size, size), dtype=np.uint8)
+    rows = np.linspace(2, size - 6, num_classes).astype(int)
+    for c in range(num_classes):
+        x[y == c, rows[c]:rows[c] + 4, 3:size - 3] = 220
+    return x, y
+
+
+def idx_bytes(array: np.ndarray, dtype_code: int = 0x08) -> bytes:
+    """An IDX file's bytes: magic (0, 0, dtype, ndim), big-endian dimensions, the payload."""
+    header = bytes([0, 0, dtype_code, array.ndim])
+    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + np.ascontiguousarray(array).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
+    data = idx_bytes(array)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return path
+
+
+def write_builtin_copy(folder: Path, name: str, x: np.ndarray, y: np.ndarray,
+                       split: str = "test", compress: bool = True) -> Path:
+    """Small IDX files under folder/name with the built-in data set's file names."""
+    from dplatent.data import FILES
+    img, lab = FILES[split]
+    if not compress:
+        img, lab = img.removesuffix(".gz"), lab.removesuffix(".gz")
+    write_idx(folder / name / img, x, compress)
+    write_idx(folder / name / lab, y.astype(np.uint8), compress)
+    return folder

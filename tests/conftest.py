@@ -82,3 +82,23 @@ def write_builtin_copy(folder: Path, name: str, x: np.ndarray, y: np.ndarray,
     write_idx(folder / name / img, x, compress)
     write_idx(folder / name / lab, y.astype(np.uint8), compress)
     return folder
+
+
+# ------------------------------------------------ replaying the draws of the denoising loss
+
+
+def predraw(gen: torch.Generator, b: int, k: int, d: int, timesteps: int, label_dropout: float):
+    """The draws denoising_loss makes for a batch of b, in its order."""
+    t = torch.randint(0, timesteps, (b, k), generator=gen)
+    noise = torch.randn(b, k, d, generator=gen)
+    drop = (torch.rand(b, k, generator=gen) < label_dropout if label_dropout > 0
+            else torch.zeros(b, k, dtype=torch.bool))
+    return t, noise, drop
+
+
+def loss_from_draws(model, z0, y, acp, t, noise, drop, null_label):
+    """The denoising loss of examples z0 [b, D] with given draws, written out independently."""
+    ab = acp[t].unsqueeze(-1)
+    zt = ab.sqrt() * z0.unsqueeze(1) + (1 - ab).sqrt() * noise
+    labels = torch.where(drop, torch.full_like(t, null_label), y.unsqueeze(1).expand_as(t))
+    return (model(zt, t, labels) - noise).pow(2).mean(dim=(1, 2))

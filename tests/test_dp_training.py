@@ -17,6 +17,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import loss_from_draws, predraw
 from torch import nn
 
 from dplatent.diffusion.loss import denoising_loss
@@ -26,7 +27,8 @@ from dplatent.models.autoencoder import Autoencoder, reconstruction_loss
 from dplatent.models.denoiser import Denoiser
 from dplatent.privacy.dp_training import make_trainer, poisson_batches
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.usefixtures("single_thread"),
+              pytest.mark.filterwarnings("ignore:Full backward hook is firing")]
 
 EXPECTED_BATCH = 5        # deliberately not the actual batch size: the divisor must be this one
 N_EXAMPLES = 7
@@ -92,23 +94,6 @@ class AutoencoderStage(Stage):
         for chunk in chunks:
             for i in chunk.tolist():
                 yield i, reconstruction_loss(model, self._images(torch.tensor([i])))[0]
-
-
-def predraw(gen: torch.Generator, b: int, k: int, d: int, timesteps: int, label_dropout: float):
-    """The draws denoising_loss makes for a batch of b, in its order."""
-    t = torch.randint(0, timesteps, (b, k), generator=gen)
-    noise = torch.randn(b, k, d, generator=gen)
-    drop = (torch.rand(b, k, generator=gen) < label_dropout if label_dropout > 0
-            else torch.zeros(b, k, dtype=torch.bool))
-    return t, noise, drop
-
-
-def loss_from_draws(model, z0, y, acp, t, noise, drop, null_label):
-    """The denoising loss of examples z0 [b, D] with given draws, written out independently."""
-    ab = acp[t].unsqueeze(-1)
-    zt = ab.sqrt() * z0.unsqueeze(1) + (1 - ab).sqrt() * noise
-    labels = torch.where(drop, torch.full_like(t, null_label), y.unsqueeze(1).expand_as(t))
-    return (model(zt, t, labels) - noise).pow(2).mean(dim=(1, 2))
 
 
 class DenoiserStage(Stage):

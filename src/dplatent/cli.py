@@ -133,6 +133,10 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
     typer.echo(f"wrote {len(y)} samples to {path} in {time.time() - t:.1f}s")
 
 
+INTERRUPTED = ("interrupted; `dplatent train --resume RUN` continues from the last "
+               "checkpoint")
+
+
 def main() -> None:
     try:
         app()
@@ -140,9 +144,12 @@ def main() -> None:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted; `dplatent train --resume RUN` continues from the last "
-                   "checkpoint", err=True)
+        typer.echo(INTERRUPTED, err=True)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130:  # typer turns Ctrl-C inside a command into a silent exit 130
+            typer.echo(INTERRUPTED, err=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -134,7 +134,8 @@ def train_stage(model: nn.Module, n: int, loss_fn: LossFn, s: StageSettings, led
             spent = save(step)
         if step % log_every == 0 or step == plan.steps:
             # epsilon: the ledger's total for the steps saved so far (all stages).
-            bar.set_postfix(loss=f"{running:.4f}", eps=f"{spent:.2f}")
+            bar.set_postfix(loss="n/a" if running is None else f"{running:.4f}",
+                            eps=f"{spent:.2f}")
             _log(run_dir, {"stage": s.name, "step": step, "loss": running, "epsilon": spent,
                            "time": time.time() - t0})
         bar.update(1)

@@ -1,0 +1,138 @@
+"""Configuration: presets, overrides, validation, and the saved form's round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+
+import pytest
+
+from dplatent import config
+from dplatent.config import (RunConfig, build, from_dict, load_preset, parse_overrides,
+                             preset_names, resolve)
+from dplatent.errors import ConfigError
+
+
+def test_every_preset_loads_and_validates():
+    names = preset_names()
+    assert {"smoke", "quick"} <= set(names)
+    for name in names:
+        cfg = resolve(name, {})
+        assert isinstance(cfg, RunConfig) and cfg.preset == name
+
+
+def test_smoke_preset_values_come_from_its_file():
+    raw = tomllib.loads((config.PRESET_DIRS[0] / "smoke.toml").read_text())
+    cfg = resolve("smoke", {})
+    assert cfg.checkpoint_every == raw["checkpoint_every"]
+    assert cfg.autoencoder.channels == tuple(raw["autoencoder"]["channels"])
+    assert cfg.diffusion.noise_multiplicity == raw["diffusion"]["noise_multiplicity"]
+    assert cfg.sampling.steps == raw["sampling"]["steps"]
+    # keys the preset does not set keep their defaults
+    assert cfg.privacy == config.PrivacyConfig()
+    assert cfg.diffusion.lr == config.DiffusionConfig().lr
+
+
+def test_a_preset_can_be_a_toml_path(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text("seed = 7\n[privacy]\nepsilon = 3\naccountant = 'rdp'\n")
+    cfg = resolve(str(path), {})
+    assert (cfg.preset, cfg.seed, cfg.privacy.epsilon, cfg.privacy.accountant) == (
+        "mine", 7, 3.0, "rdp")
+    assert isinstance(cfg.privacy.epsilon, float)
+
+
+def test_overrides_apply_and_are_coerced():
+    cfg = resolve("smoke", parse_overrides([
+        "diffusion.hidden=64", "autoencoder.channels=16,32", "privacy.epsilon=2.5",
+        "seed=3", "diffusion.epochs=1", " sampling.sampler = dpm "]))
+    assert cfg.diffusion.hidden == 64 and cfg.autoencoder.channels == (16, 32)
+    assert cfg.privacy.epsilon == 2.5 and cfg.seed == 3 and cfg.sampling.sampler == "dpm"
+    assert cfg.diffusion.epochs == 1.0 and isinstance(cfg.diffusion.epochs, float)
+    # untouched values of the preset survive
+    assert cfg.diffusion.blocks == resolve("smoke", {}).diffusion.blocks
+    # numeric override values (as the CLI passes them) work too
+    assert resolve("smoke", {"privacy.delta": 1e-6, "threads": 2}).privacy.delta == 1e-6
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"diffusion.hiden": "3"}, "unknown key 'hiden'"),
+    ({"diffusoin.hidden": "3"}, "unknown section 'diffusoin'"),
+    ({"nonsense": "1"}, "unknown key 'nonsense'"),
+    ({"autoencoder": "1"}, "unknown key 'autoencoder'"),
+    ({"autoencoder.batch_size": "many"}, "bad value 'many' for batch_size"),
+    ({"autoencoder.batch_size": "1.5"}, "expected an integer"),
+    ({"autoencoder.channels": "8,x"}, "bad value '8,x' for channels"),
+    ({"autoencoder.channels": "12,16"}, "multiple of 8"),
+    ({"privacy.epsilon": "0"}, "privacy.epsilon must be > 0"),
+    ({"privacy.epsilon": "nan"}, "privacy.epsilon must be > 0"),
+    ({"privacy.delta": "1"}, "privacy.delta must be in"),
+    ({"privacy.accountant": "moments"}, "privacy.accountant must be"),
+    ({"privacy.autoencoder_share": "1"}, "autoencoder_share"),
+    ({"diffusion.label_dropout": "1"}, "label_dropout"),
+    ({"diffusion.beta_schedule": "cosine"}, "beta_schedule"),
+    ({"diffusion.noise_multiplicity": "0"}, "noise_multiplicity"),
+    ({"sampling.sampler": "euler"}, "sampler"),
+    ({"threads": "-1"}, "threads"),
+])
+def test_bad_overrides_are_config_errors_naming_the_problem(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve("smoke", overrides)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[autoencoder]\nwidth = 3\n", r"preset bad \[autoencoder\]: unknown key 'width'"),
+    ("[training]\nepochs = 3\n", "unknown key 'training'"),
+    ("autoencoder = 3\n", r"\[autoencoder\] must be a table"),
+    ("[diffusion]\nhidden = 'wide'\n", "bad value 'wide' for hidden"),
+    ("[privacy]\nepsilon = -1\n", "privacy.epsilon must be > 0"),
+    ("[privacy\nepsilon = 1\n", "bad.toml"),
+])
+def test_bad_preset_files_are_config_errors_naming_the_problem(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        resolve(str(path), {})
+
+
+def test_unknown_preset_names_the_known_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown preset 'fastest'.*smoke"):
+        load_preset("fastest")
+    with pytest.raises(ConfigError, match="not found"):
+        load_preset(str(tmp_path / "absent.toml"))
+
+
+@pytest.mark.parametrize("item", ["diffusion.hidden", "=3", ""])
+def test_malformed_set_items_are_refused(item):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_overrides([item])
+
+
+def test_to_dict_from_dict_round_trip_through_json():
+    cfg = resolve("smoke", {"autoencoder.channels": "16,24", "seed": "5",
+                            "privacy.accountant": "rdp", "sampling.guidance": "2"})
+    saved = json.loads(json.dumps(cfg.to_dict()))
+    back = from_dict(saved)
+    assert back == cfg
+    assert back.autoencoder.channels == (16, 24)
+    assert from_dict(back.to_dict()) == cfg
+    # every field is saved
+    assert set(saved) == {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def test_from_dict_refuses_unknown_saved_keys():
+    d = resolve("smoke", {}).to_dict()
+    d["diffusion"]["dropout_rate"] = 0.2
+    with pytest.raises(ConfigError, match="dropout_rate"):
+        from_dict(d)
+
+
+def test_config_objects_are_frozen_and_keyword_only():
+    cfg = resolve("smoke", {})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.PrivacyConfig(1.0)  # type: ignore[misc]
+    with pytest.raises(ConfigError):
+        build({}, {"privacy.delta": "0"}, "x")

@@ -1,0 +1,126 @@
+"""The autoencoder (stage 1) and the latent denoiser (stage 2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+from torch.nn import functional as F
+
+from dplatent.models.autoencoder import Autoencoder, reconstruction_loss, standardise
+from dplatent.models.denoiser import Denoiser, timestep_embedding
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def autoencoder(channels=1, size=28, stages=(8, 16), latent=2) -> Autoencoder:
+    torch.manual_seed(0)
+    return Autoencoder(in_channels=channels, image_size=size, channels=stages,
+                       latent_channels=latent)
+
+
+@pytest.mark.parametrize("channels,size,stages,latent", [(1, 28, (8, 16), 2),
+                                                         (3, 32, (8, 16, 16), 4),
+                                                         (1, 16, (8,), 3)])
+def test_autoencoder_shapes(channels, size, stages, latent):
+    ae = autoencoder(channels, size, stages, latent)
+    side = size // 2 ** len(stages)
+    assert ae.latent_shape == (latent, side, side)
+    x = torch.rand(5, channels, size, size)
+    z = ae.encode(x)
+    assert z.shape == (5, *ae.latent_shape)
+    assert ae(x).shape == x.shape
+    out = ae.decode(z).detach()
+    assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+def test_image_size_must_be_divisible_by_the_downsampling():
+    with pytest.raises(ValueError, match="not divisible by 8"):
+        autoencoder(size=28, stages=(8, 16, 16))
+
+
+@pytest.mark.parametrize("scale,shift", [(1.0, 0.0), (0.01, 0.5), (50.0, -3.0)])
+def test_latent_is_standardised_per_example(scale, shift):
+    ae = autoencoder()
+    x = torch.rand(6, 1, 28, 28) * scale + shift
+    with torch.no_grad():
+        flat = ae.encode(x).flatten(1)
+    torch.testing.assert_close(flat.mean(1), torch.zeros(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat.std(1), torch.ones(6), atol=1e-3, rtol=0)
+
+
+def test_standardise_uses_only_each_examples_own_values():
+    h = torch.randn(4, 2, 3, 3) * torch.tensor([1.0, 5.0, 0.1, 30.0]).view(4, 1, 1, 1)
+    out = standardise(h)
+    for i in range(4):
+        torch.testing.assert_close(standardise(h[i:i + 1])[0], out[i])
+        flat = h[i].flatten()
+        torch.testing.assert_close(out[i].flatten(), (flat - flat.mean()) / (flat.std() + 1e-5))
+
+
+def test_examples_do_not_interact_in_the_autoencoder():
+    """Per-example gradients presuppose it: GroupNorm only, no batch statistics."""
+    ae = autoencoder()
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        batch = reconstruction_loss(ae, x)
+        alone = torch.cat([reconstruction_loss(ae, x[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_reconstruction_loss_is_per_example_binary_cross_entropy():
+    ae = autoencoder()
+    x = torch.rand(4, 1, 28, 28)
+    loss = reconstruction_loss(ae, x)
+    assert loss.shape == (4,)
+    with torch.no_grad():
+        recon = ae.decode(ae.encode(x))
+    want = F.binary_cross_entropy(recon, x, reduction="none").flatten(1).mean(1)
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-4, atol=1e-5)
+    assert bool((loss > 0).all())
+
+
+def test_both_models_are_dp_compatible():
+    assert ModuleValidator.validate(autoencoder(), strict=False) == []
+    assert ModuleValidator.validate(denoiser(), strict=False) == []
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                   for m in autoencoder().modules())
+
+
+def denoiser(dim=8, classes=4) -> Denoiser:
+    torch.manual_seed(0)
+    return Denoiser(dim=dim, num_classes=classes, hidden=32, blocks=2, expansion=2, time_dim=16)
+
+
+def test_denoiser_output_shapes_for_flat_and_multi_draw_inputs():
+    den = denoiser()
+    assert den.null_label == 4
+    z, t, y = torch.randn(5, 8), torch.randint(0, 100, (5,)), torch.randint(0, 5, (5,))
+    assert den(z, t, y).shape == (5, 8)
+    zk, tk, yk = torch.randn(5, 3, 8), torch.randint(0, 100, (5, 3)), torch.randint(0, 5, (5, 3))
+    out = den(zk, tk, yk)
+    assert out.shape == (5, 3, 8)
+    # the K axis is handled as independent rows: same as flattening it into the batch
+    flat = den(zk.reshape(15, 8), tk.reshape(15), yk.reshape(15)).reshape(5, 3, 8)
+    torch.testing.assert_close(out, flat, rtol=1e-5, atol=1e-6)
+
+
+def test_denoiser_depends_on_timestep_and_label():
+    den = denoiser()
+    z = torch.randn(3, 8)
+    t, y = torch.full((3,), 10), torch.full((3,), 1)
+    base = den(z, t, y)
+    assert not torch.allclose(base, den(z, torch.full((3,), 500), y))
+    assert not torch.allclose(base, den(z, t, torch.full((3,), 2)))
+    assert not torch.allclose(base, den(z, t, torch.full((3,), den.null_label)))
+    with pytest.raises(IndexError):
+        den(z, t, torch.full((3,), den.null_label + 1))
+
+
+def test_timestep_embedding():
+    t = torch.tensor([0, 1, 999])
+    e = timestep_embedding(t, 16)
+    assert e.shape == (3, 16)
+    torch.testing.assert_close(e[0], torch.cat([torch.ones(8), torch.zeros(8)]))
+    assert timestep_embedding(t.view(3, 1).expand(3, 2), 16).shape == (3, 2, 16)
+    assert not torch.allclose(e[1], e[2])

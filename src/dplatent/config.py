@@ -89,7 +89,9 @@ class PrivacyConfig:
     autoencoder_share: float = 0.25        # the autoencoder alone gets this share of epsilon
 
     def __post_init__(self) -> None:
-        _check(self.epsilon > 0, f"privacy.epsilon must be > 0, got {self.epsilon}")
+        # inf would never be exceeded, and calibrating sigma for it never ends.
+        _check(0 < self.epsilon < float("inf"),
+               f"privacy.epsilon must be > 0 and finite, got {self.epsilon}")
         _check(0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}")
         _check(self.accountant in ("prv", "rdp"),
                f"privacy.accountant must be 'prv' or 'rdp', got {self.accountant!r}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,7 +55,14 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DplatentError(f"{path}: cannot load checkpoint safely ({exc})") from exc
+        # One line; torch's own message suggests weights_only=False, which would run the code.
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        detail = re.search(r"WeightsUnpickler error: (.*)", text)
+        reason = (f"it holds a pickled object ({found.group(1)}), not only tensors" if found
+                  else detail.group(1) if detail
+                  else (text.strip().splitlines() or [type(exc).__name__])[0])
+        raise DplatentError(f"{path}: cannot load checkpoint safely ({reason})") from exc
 
 
 def stage_steps_done(run_dir: Path, stage: str) -> int:

@@ -33,14 +33,22 @@ class TrainedRun:
         cfg_path = self.dir / "config.json"
         if not cfg_path.is_file():
             raise DplatentError(f"{self.dir}: not a run directory (no config.json)")
-        raw = json.loads(cfg_path.read_text())
-        self.meta = raw.pop("derived")
-        self.cfg: RunConfig = from_dict(raw)
-        self.num_classes = int(self.meta["num_classes"])
-        ae_plan = self.meta["privacy_plan"]["stages"]
-        self.planned_steps = {s["stage"]: s["steps"] for s in ae_plan}
-        self.autoencoder = self._load_ae()
-        self.denoiser = self._load_denoiser()
+        try:
+            raw = json.loads(cfg_path.read_text())
+            self.meta = raw.pop("derived")
+            self.cfg: RunConfig = from_dict(raw)
+            self.num_classes = int(self.meta["num_classes"])
+            ae_plan = self.meta["privacy_plan"]["stages"]
+            self.planned_steps = {s["stage"]: int(s["steps"]) for s in ae_plan}
+            self.autoencoder = self._load_ae()
+            self.denoiser = self._load_denoiser()
+        except DplatentError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+            # A damaged or mismatched config.json or checkpoint: say so in one line.
+            detail = " ".join(str(exc).split())[:300]
+            raise DplatentError(f"{self.dir}: config.json and checkpoints do not form a valid "
+                                f"run ({type(exc).__name__}: {detail})") from exc
 
     def _checkpoint(self, stage: str) -> dict:
         path = checkpoint_path(self.dir, stage)

@@ -1,0 +1,279 @@
+"""Bad command-line values, data and checkpoints get one clear line and exit code 2, never a
+traceback; checkpoints holding pickled objects are refused without running their code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dplatent.cli import main
+from dplatent.errors import DplatentError
+from dplatent.train.loop import checkpoint_path, load_checkpoint
+
+FAST = ["--preset", "smoke", "--set", "privacy.accountant=rdp"]
+
+
+def run_main(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """`dplatent ARGV` in this process, through the same entry point as the installed command."""
+    monkeypatch.setattr(sys, "argv", ["dplatent", *argv])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, fragment: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+
+
+def write_npz(path: Path, n: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 10).astype(np.int64)
+    x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x=x, y=y)
+    return path
+
+
+BAD_PLAN = [
+    (["--epsilon", "0", "--n", "1000"], "privacy.epsilon must be > 0 and finite, got 0.0"),
+    (["--epsilon", "-1", "--n", "1000"], "privacy.epsilon must be > 0 and finite, got -1.0"),
+    (["--epsilon", "nan", "--n", "1000"], "privacy.epsilon must be > 0 and finite, got nan"),
+    (["--epsilon", "inf", "--n", "1000"], "privacy.epsilon must be > 0 and finite, got inf"),
+    (["--delta", "0", "--n", "1000"], "privacy.delta must be in (0, 1), got 0.0"),
+    (["--delta", "-1e-5", "--n", "1000"], "privacy.delta must be in (0, 1), got -1e-05"),
+    (["--delta", "1", "--n", "1000"], "privacy.delta must be in (0, 1), got 1.0"),
+    (["--delta", "1e-3", "--n", "1000"],
+     "delta=0.001 must be below 1/n = 0.001 (n = 1000 training records)"),
+    (["--delta", "0.01", "--n", "1000"], "must be below 1/n"),
+    (["--n", "0"], "--n must be >= 1, got 0"),
+    (["--n", "-5"], "--n must be >= 1, got -5"),
+    (["--n", "50", "--delta", "1e-3"], "autoencoder: batch size 64 exceeds n = 50"),
+    (["--dataset", "data.npz"], "plan needs the number of training records for a user data "
+                                "set: pass --n"),
+    (["--n", "1000", "--set", "autoencoder.nope=1"],
+     "--set autoencoder.nope: unknown key 'nope'; known: ['batch_size', 'channels'"),
+    (["--n", "1000", "--set", "nope.key=1"], "--set nope.key: unknown section 'nope'"),
+    (["--n", "1000", "--set", "bogus=1"], "--set bogus: unknown key 'bogus'"),
+    (["--n", "1000", "--set", "noequals"], "--set expects section.key=value, got 'noequals'"),
+    (["--n", "1000", "--set", "=3"], "--set expects section.key=value, got '=3'"),
+    (["--n", "1000", "--set", "diffusion.epochs=abc"],
+     "--set diffusion.epochs: bad value 'abc' for epochs"),
+    (["--n", "1000", "--set", "diffusion.blocks=1.5"],
+     "--set diffusion.blocks: bad value '1.5' for blocks (expected an integer)"),
+    (["--n", "1000", "--set", "autoencoder.channels=8,x"],
+     "--set autoencoder.channels: bad value '8,x'"),
+    (["--n", "1000", "--set", "privacy.accountant=foo"],
+     "privacy.accountant must be 'prv' or 'rdp', got 'foo'"),
+    (["--n", "1000", "--set", "diffusion.epochs=0"], "diffusion.epochs must be > 0"),
+    (["--n", "1000", "--set", "autoencoder.batch_size=-4"],
+     "autoencoder batch sizes must be > 0"),
+    (["--n", "1000", "--set", "threads=-1"], "threads must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("argv,fragment", BAD_PLAN, ids=[" ".join(a) for a, _ in BAD_PLAN])
+def test_plan_refuses_bad_values(argv, fragment, monkeypatch, capsys):
+    code, _, err = run_main(["plan", *FAST, *argv], monkeypatch, capsys)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_unknown_preset(monkeypatch, capsys):
+    code, _, err = run_main(["plan", "--preset", "nope", "--n", "1000"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "unknown preset 'nope'; known: [")
+
+
+def test_malformed_number_is_a_usage_error(monkeypatch, capsys):
+    code, _, err = run_main(["plan", "--epsilon", "abc"], monkeypatch, capsys)
+    assert code == 2 and "Invalid value for '--epsilon'" in err and "Traceback" not in err
+
+
+def test_valid_plan_still_works(monkeypatch, capsys):
+    code, out, err = run_main(["plan", *FAST, "--n", "1000", "--delta", "1e-4"],
+                              monkeypatch, capsys)
+    assert code == 0, err
+    assert "composed epsilon" in out
+
+
+def test_installed_entry_point_exit_code_and_message():
+    res = subprocess.run([sys.executable, "-m", "dplatent", "plan", "--epsilon", "0",
+                          "--n", "1000"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr == "error: privacy.epsilon must be > 0 and finite, got 0.0\n"
+    assert res.stdout == ""
+
+
+# --- train: data and run-directory problems, refused before any training -----------------
+
+def test_train_refuses_too_few_examples_for_the_batch(tmp_path, monkeypatch, capsys):
+    npz = write_npz(tmp_path / "small.npz", 50)
+    out = tmp_path / "run"
+    code, _, err = run_main(["train", *FAST, "--dataset", str(npz), "--delta", "1e-3",
+                             "--out", str(out)], monkeypatch, capsys)
+    assert_one_line_error(code, err, "autoencoder: batch size 64 exceeds n = 50")
+    assert not out.exists()
+
+
+def test_train_refuses_delta_at_least_one_over_n(tmp_path, monkeypatch, capsys):
+    npz = write_npz(tmp_path / "d.npz", 200)
+    out = tmp_path / "run"
+    code, _, err = run_main(["train", *FAST, "--dataset", str(npz), "--delta", "0.005",
+                             "--out", str(out)], monkeypatch, capsys)
+    assert_one_line_error(code, err, "delta=0.005 must be below 1/n = 0.005 (n = 200")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("dataset,fragment", [
+    ("cifar10", "unknown data set 'cifar10'; choose from ('mnist', 'fashion-mnist')"),
+    ("missing.npz", "missing.npz: file not found"),
+    ("data.txt", "unknown data set"),
+])
+def test_train_refuses_unknown_or_missing_data(dataset, fragment, tmp_path, monkeypatch,
+                                               capsys):
+    if dataset.endswith(".npz"):
+        dataset = str(tmp_path / dataset)
+    code, _, err = run_main(["train", *FAST, "--dataset", dataset, "--out",
+                             str(tmp_path / "run")], monkeypatch, capsys)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_train_refuses_non_empty_out_and_bad_resume(tmp_path, monkeypatch, capsys):
+    npz = write_npz(tmp_path / "d.npz", 200)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "something").write_text("x")
+    code, _, err = run_main(["train", *FAST, "--dataset", str(npz), "--delta", "1e-3",
+                             "--out", str(out)], monkeypatch, capsys)
+    assert_one_line_error(code, err, "exists and is not empty; use --resume")
+    code, _, err = run_main(["train", "--resume", "--out", str(tmp_path / "none")],
+                            monkeypatch, capsys)
+    assert_one_line_error(code, err, "nothing to resume (no config.json)")
+    (out / "config.json").write_text('{"derived": {"dataset": "x"}}')
+    code, _, err = run_main(["train", "--resume", "--out", str(out), "--set", "seed=3"],
+                            monkeypatch, capsys)
+    assert_one_line_error(code, err, "--resume continues a run with its saved configuration")
+
+
+# --- sample and checkpoints ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished smoke run (one DP step per stage) trained in this process."""
+    from dplatent import config
+    from dplatent.train.stages import train
+    folder = tmp_path_factory.mktemp("cli")
+    npz = write_npz(folder / "d.npz", 200)
+    cfg = config.resolve("smoke", {"privacy.accountant": "rdp", "privacy.delta": "1e-3",
+                                   "threads": "1"})
+    old = torch.get_num_threads()
+    try:
+        train(dataset=str(npz), data_dir=None, cfg=cfg, run_dir=folder / "run", progress=False)
+    finally:
+        torch.set_num_threads(old)
+    return folder / "run"
+
+
+@pytest.mark.parametrize("num", ["0", "-3"])
+def test_sample_refuses_non_positive_counts(num, tiny_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "s.npz"
+    code, _, err = run_main(["sample", "--run", str(tiny_run), "--num", num, "--out", str(out),
+                             "--no-progress"], monkeypatch, capsys)
+    assert_one_line_error(code, err, f"number of samples must be >= 1, got {num}")
+    assert not out.exists()
+
+
+def test_sample_refuses_a_folder_that_is_not_a_run(tmp_path, monkeypatch, capsys):
+    code, _, err = run_main(["sample", "--run", str(tmp_path), "--num", "10"],
+                            monkeypatch, capsys)
+    assert_one_line_error(code, err, "not a run directory (no config.json)")
+
+
+def _write_marker(path: str) -> None:
+    Path(path).write_text("code from a checkpoint ran")
+
+
+class Payload:
+    """Unpickling this would call _write_marker: a stand-in for arbitrary code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (_write_marker, (self.marker,))
+
+
+def test_checkpoint_with_a_pickled_object_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pt"
+    torch.save({"step": 1, "model": {"w": torch.zeros(2)}, "extra": Payload(marker)}, path)
+    assert not marker.exists()
+    with pytest.raises(DplatentError, match="cannot load checkpoint safely"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_checkpoint_that_is_not_a_torch_file_is_refused(tmp_path):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"\x00not a checkpoint" * 10)
+    with pytest.raises(DplatentError, match="cannot load checkpoint safely"):
+        load_checkpoint(path)
+
+
+def test_tampered_run_checkpoint_is_refused_by_sample(tiny_run, tmp_path, monkeypatch, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    marker = tmp_path / "marker"
+    ck = checkpoint_path(run, "diffusion")
+    state = load_checkpoint(ck)
+    state["ema"] = {"payload": Payload(marker)}
+    torch.save(state, ck)
+    code, _, err = run_main(["sample", "--run", str(run), "--num", "10", "--out",
+                             str(tmp_path / "s.npz"), "--no-progress"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "cannot load checkpoint safely")
+    assert not marker.exists()
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_truncated_run_checkpoint_is_refused_by_sample(tiny_run, tmp_path, monkeypatch, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    ck = checkpoint_path(run, "autoencoder")
+    ck.write_bytes(ck.read_bytes()[:200])
+    code, _, err = run_main(["sample", "--run", str(run), "--num", "10", "--out",
+                             str(tmp_path / "s.npz"), "--no-progress"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "cannot load checkpoint safely")
+
+
+@pytest.mark.parametrize("damage", ["no_model", "wrong_shapes", "not_a_dict", "bad_config"])
+def test_mismatched_run_files_are_refused_by_sample(damage, tiny_run, tmp_path, monkeypatch,
+                                                    capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    ck = checkpoint_path(run, "autoencoder")
+    state = load_checkpoint(ck)
+    if damage == "no_model":
+        torch.save({"step": state["step"]}, ck)
+    elif damage == "wrong_shapes":
+        torch.save({**state, "model": {k: v[:1] for k, v in state["model"].items()}}, ck)
+    elif damage == "not_a_dict":
+        torch.save([1, 2, 3], ck)
+    else:
+        (run / "config.json").write_text('{"derived": {}, "seed": 0}')
+    code, _, err = run_main(["sample", "--run", str(run), "--num", "10", "--out",
+                             str(tmp_path / "s.npz"), "--no-progress"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "config.json and checkpoints do not form a valid run")

@@ -9,6 +9,7 @@ sizes, epochs, the budget share of stage 1) into each stage's sigma; it never se
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -68,11 +69,18 @@ def _accountant(name: str):
 
 def epsilon(events: list[DPEvent], delta: float, accountant: str = "prv") -> float:
     """Composed epsilon at `delta` of all events (0 for no steps)."""
-    history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps > 0]
+    history = tuple((e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps > 0)
     if not history:
         return 0.0
+    return _epsilon_of_history(history, delta, accountant)
+
+
+@functools.lru_cache(maxsize=512)
+def _epsilon_of_history(history: tuple[tuple[float, float, int], ...], delta: float,
+                        accountant: str) -> float:
+    """Cached: the ledger and the calibration ask for the same compositions repeatedly."""
     acct = _accountant(accountant)
-    acct.history = history
+    acct.history = list(history)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # RDP's "optimal order is the largest alpha"
         if accountant == "prv":

@@ -54,12 +54,12 @@ class TrainedRun:
         path = checkpoint_path(self.dir, stage)
         if not path.is_file():
             raise DplatentError(f"{self.dir}: stage {stage} has no checkpoint; "
-                                f"run `dplatent train --resume {self.dir}` first")
+                                f"run `dplatent train --resume --out {self.dir}` first")
         ck = load_checkpoint(path)
         if int(ck["step"]) < self.planned_steps[stage]:
             raise DplatentError(f"{self.dir}: stage {stage} is unfinished "
                                 f"({ck['step']}/{self.planned_steps[stage]} steps); "
-                                f"run `dplatent train --resume {self.dir}`")
+                                f"run `dplatent train --resume --out {self.dir}`")
         return ck
 
     def _load_ae(self) -> Autoencoder:

@@ -133,6 +133,11 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted(tmp_path):
     assert ckpt_step(killed, "autoencoder") == planned["autoencoder"]
     assert ledger_steps(killed) == {"autoencoder": planned["autoencoder"], "diffusion": step}
     assert not (killed / "timings.json").exists()
+    from dplatent.errors import DplatentError
+    from dplatent.sample import TrainedRun
+    with pytest.raises(DplatentError, match=f"stage diffusion is unfinished \\({step}/"
+                       f"{planned['diffusion']} steps\\); run `dplatent train --resume --out"):
+        TrainedRun(killed)
 
     # 3. Resume to completion (a fresh process, as after a crash).
     res = subprocess.run([sys.executable, "-m", "dplatent", "train", "--resume", "--out",

@@ -76,7 +76,8 @@ def run_cell(args, dataset: str, epsilon: float, log) -> dict:
     eval_json = run_dir / "eval.json"
     eval_cmd = [*exe, "evaluate", "--synthetic", str(synth), "--dataset", dataset,
                 "--metrics", args.metrics, "--fid-samples", str(args.fid_samples),
-                "--out", str(eval_json), *data]
+                "--out", str(eval_json), "--seeds", str(args.seeds), "--no-progress", *data,
+                *(["--cnn-epochs", str(args.cnn_epochs)] if args.cnn_epochs else [])]
     eval_wall, rss3 = run(eval_cmd, log)
     ev = json.loads(eval_json.read_text())
     ledger = json.loads((run_dir / "privacy.json").read_text())
@@ -94,7 +95,8 @@ def run_cell(args, dataset: str, epsilon: float, log) -> dict:
         "diffusion_wall_s": timings.get("diffusion_s"),
         "train_command_wall_s": round(train_wall, 1),
         "sample_wall_s": round(sample_wall, 1), "eval_wall_s": round(eval_wall, 1),
-        "num_samples": args.num_samples,
+        "num_samples": args.num_samples, "classifier_seeds": args.seeds,
+        "cnn_epochs": args.cnn_epochs or 10, "evaluate_command": shlex.join(eval_cmd),
         "peak_rss_mb": max(rss1, rss2, rss3),
         "command": shlex.join(train_cmd),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
@@ -123,8 +125,11 @@ def table(results: list[dict]) -> str:
             f"| {cnn} | {fmt(r['mlp_acc'], True)} | {fmt(r['logreg_acc'], True)} | {fid} "
             f"| {fmt(r['autoencoder_wall_s'], digits=0)} / {fmt(r['diffusion_wall_s'], digits=0)}"
             f" | {fmt(r['sample_wall_s'], digits=0)} | {r['peak_rss_mb']} | {r['date']} |")
-    cmds = "\n".join(f"- `{r['dataset']}` ε={r['epsilon']:g}: `{r['command']}`"
-                     for r in results)
+    cmds = "\n".join(
+        f"- `{r['dataset']}` ε={r['epsilon']:g}: `{r['command']}`; then "
+        f"{r['num_samples']} samples; `{r.get('evaluate_command', 'evaluate')}` "
+        f"(CNN {r.get('cnn_epochs', 10)} epochs × {r.get('classifier_seeds', 3)} seeds); "
+        f"{r['machine']}" for r in results)
     return head + "\n".join(rows) + "\n\nCommands:\n\n" + cmds + "\n"
 
 
@@ -148,6 +153,8 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=60000)
     ap.add_argument("--fid-samples", type=int, default=10000)
     ap.add_argument("--metrics", default="fid,cnn,mlp,logreg")
+    ap.add_argument("--seeds", type=int, default=3, help="classifier seeds")
+    ap.add_argument("--cnn-epochs", type=int, default=None, help="CNN epochs (default 10)")
     ap.add_argument("--set", action="append", default=[], help="config override per cell")
     ap.add_argument("--force", action="store_true", help="redo cells that have results")
     ap.add_argument("--markdown-only", action="store_true",

@@ -4,8 +4,9 @@ bound they imply.
 Members are records of the run's training split, non-members are records of its test split.
 Each attack gives every record a score (higher = "more likely a member"):
 
-  denoiser_loss        minus the EMA denoiser's noise-prediction error on the record's latent
-                       (the run's encoder), averaged over fixed timesteps and fixed noise draws
+  denoiser_loss        minus the EMA denoiser's training loss (epsilon- or v-prediction error)
+                       on the record's latent (the run's encoder), averaged over fixed timesteps
+                       and fixed noise draws
   reconstruction_loss  minus the autoencoder's reconstruction loss (binary cross-entropy)
   nearest_synthetic    minus the L2 distance (pixels in [0, 1]) to the nearest synthetic sample
 
@@ -136,11 +137,13 @@ def reconstruction_scores(autoencoder, images: torch.Tensor, batch: int = 500) -
 def denoiser_scores(run, images: torch.Tensor, labels: np.ndarray, *, seed: int,
                     draws: int = 4, fractions=TIMESTEP_FRACTIONS,
                     batch: int = 500) -> np.ndarray:
-    """Minus the mean noise-prediction error over fixed timesteps and noise draws (the same
-    draws for every record, so members and non-members see identical noise)."""
+    """Minus the denoiser's training loss (its own target: epsilon or v) averaged over fixed
+    timesteps and noise draws (the same draws for every record, so members and non-members see
+    identical noise)."""
     from dplatent.diffusion.schedule import alphas_cumprod
     from dplatent.train.stages import encode
     d = run.cfg.diffusion
+    prediction = getattr(d, "prediction", "epsilon")
     acp = alphas_cumprod(d.train_timesteps, d.beta_schedule)
     steps = sorted({min(d.train_timesteps - 1, max(0, round(f * d.train_timesteps)))
                     for f in fractions})
@@ -160,7 +163,9 @@ def denoiser_scores(run, images: torch.Tensor, labels: np.ndarray, *, seed: int,
             eps = noise[j].expand(b, draws, dim)
             zt = ab.sqrt() * z0[:, None] + (1 - ab).sqrt() * eps
             pred = run.denoiser(zt, torch.full((b, draws), t, dtype=torch.long), yk)
-            total += (pred - eps).pow(2).mean(dim=(1, 2))
+            target = (eps if prediction == "epsilon"
+                      else ab.sqrt() * eps - (1 - ab).sqrt() * z0[:, None])
+            total += (pred - target).pow(2).mean(dim=(1, 2))
         errors[i:i + batch] = total / len(steps)
     return -errors.numpy().astype(float)
 

@@ -96,9 +96,12 @@ def predraw(gen: torch.Generator, b: int, k: int, d: int, timesteps: int, label_
     return t, noise, drop
 
 
-def loss_from_draws(model, z0, y, acp, t, noise, drop, null_label):
+def loss_from_draws(model, z0, y, acp, t, noise, drop, null_label, prediction="v"):
     """The denoising loss of examples z0 [b, D] with given draws, written out independently."""
     ab = acp[t].unsqueeze(-1)
-    zt = ab.sqrt() * z0.unsqueeze(1) + (1 - ab).sqrt() * noise
+    x0 = z0.unsqueeze(1)
+    zt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     labels = torch.where(drop, torch.full_like(t, null_label), y.unsqueeze(1).expand_as(t))
-    return (model(zt, t, labels) - noise).pow(2).mean(dim=(1, 2))
+    # epsilon-prediction targets the noise; v-prediction v = sqrt(ab) eps - sqrt(1 - ab) z0
+    target = noise if prediction == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
+    return (model(zt, t, labels) - target).pow(2).mean(dim=(1, 2))

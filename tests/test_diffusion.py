@@ -8,7 +8,7 @@ import torch
 from conftest import loss_from_draws, predraw
 
 from dplatent.diffusion.loss import denoising_loss
-from dplatent.diffusion.sampler import guided_eps, initial_noise, sample_latents
+from dplatent.diffusion.sampler import guided_output, initial_noise, sample_latents
 from dplatent.diffusion.schedule import alphas_cumprod, sampler_scheduler
 from dplatent.models.denoiser import Denoiser
 
@@ -86,6 +86,7 @@ def test_denoising_loss_inputs_noise_levels_and_label_dropout(dropout):
     z0 = torch.zeros(n, DIM)
     y = torch.arange(n) % CLASSES
     loss = denoising_loss(rec, z0, y, generator=torch.Generator().manual_seed(0),
+                          prediction="epsilon",
                           **loss_args(multiplicity=k, label_dropout=dropout))
     (zt, t, labels), = rec.calls
     assert zt.shape == (n, k, DIM) and t.shape == labels.shape == (n, k)
@@ -136,10 +137,10 @@ def test_guidance_combines_conditional_and_unconditional_predictions():
     with torch.no_grad():
         cond = den(z, t, y)
         uncond = den(z, t, torch.full_like(y, CLASSES))
-        torch.testing.assert_close(guided_eps(den, z, t, y, 1.0, CLASSES), cond)
-        torch.testing.assert_close(guided_eps(den, z, t, y, 0.0, CLASSES), uncond,
+        torch.testing.assert_close(guided_output(den, z, t, y, 1.0, CLASSES), cond)
+        torch.testing.assert_close(guided_output(den, z, t, y, 0.0, CLASSES), uncond,
                                    rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(guided_eps(den, z, t, y, 3.0, CLASSES),
+        torch.testing.assert_close(guided_output(den, z, t, y, 3.0, CLASSES),
                                    uncond + 3.0 * (cond - uncond), rtol=1e-5, atol=1e-6)
 
 
@@ -153,3 +154,16 @@ def test_sampler_scheduler_names():
                                    alphas_cumprod(T, "squaredcos_cap_v2"))
     with pytest.raises(ValueError, match="unknown sampler"):
         sampler_scheduler("euler", T, "linear")
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_denoising_loss_targets_match_the_prediction_type(prediction):
+    den = denoiser()
+    z0, y = torch.randn(4, DIM), torch.tensor([0, 1, 2, 0])
+    args = loss_args(label_dropout=0.0)
+    loss = denoising_loss(den, z0, y, generator=torch.Generator().manual_seed(5),
+                          prediction=prediction, **args)
+    t, noise, drop = predraw(torch.Generator().manual_seed(5), 4, 3, DIM, T, 0.0)
+    ref = loss_from_draws(den, z0, y, args["alphas_cumprod"], t, noise, drop, CLASSES,
+                          prediction=prediction)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)

@@ -63,6 +63,7 @@ class DiffusionConfig:
     ema_decay: float = 0.999
     train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
+    prediction: str = "v"                  # network target: 'v' or 'epsilon'
 
     def __post_init__(self) -> None:
         _check(self.hidden > 0 and self.blocks > 0 and self.expansion > 0,
@@ -77,6 +78,8 @@ class DiffusionConfig:
         _check(self.train_timesteps >= 10, "diffusion.train_timesteps must be >= 10")
         _check(self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
                f"diffusion.beta_schedule: unknown {self.beta_schedule!r}")
+        _check(self.prediction in ("v", "epsilon"),
+               f"diffusion.prediction: must be 'v' or 'epsilon', got {self.prediction!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

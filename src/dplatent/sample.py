@@ -96,6 +96,7 @@ def generate(run: TrainedRun, num: int, *, seed: int = 0, guidance: float | None
                        guidance=s.guidance if guidance is None else guidance,
                        null_label=run.num_classes, train_timesteps=d.train_timesteps,
                        beta_schedule=d.beta_schedule, sampler=sampler or s.sampler,
+                       prediction=d.prediction,
                        batch_size=s.batch_size, progress=progress)
     images = []
     for i in range(0, len(z), s.batch_size):

@@ -1,5 +1,12 @@
 """Per-example denoising loss with noise multiplicity (DPDM).
 
+Targets: 'v' (default) predicts v = sqrt(a) eps - sqrt(1 - a) z0 (a = alpha-bar of the
+timestep). Unlike epsilon-prediction, a v-predictor never has to reproduce its input: at high
+noise v ~ -z0 (a class mean), at low noise the error in v is scaled down by sqrt(1 - a) when
+z0 is recovered. Under DP-SGD's gradient noise this matters: an epsilon-predictor that cannot
+learn the identity at high noise makes the first sampling steps diverge. Unweighted v-loss is
+the epsilon-loss weighted by (SNR + 1), close to EDM's weighting.
+
 Each private example contributes one loss value: the mean over K independent (timestep, noise)
 draws of the epsilon-prediction error. Averaging inside the example, before clipping, lowers
 the variance of the example's gradient at no privacy cost, since the sensitivity is still one
@@ -14,7 +21,8 @@ from torch import nn
 
 def denoising_loss(model: nn.Module, z0: torch.Tensor, y: torch.Tensor, *,
                    alphas_cumprod: torch.Tensor, multiplicity: int, label_dropout: float,
-                   null_label: int, generator: torch.Generator | None = None) -> torch.Tensor:
+                   null_label: int, prediction: str = "v",
+                   generator: torch.Generator | None = None) -> torch.Tensor:
     """z0: [B, D] clean latents, y: [B] labels -> loss per example [B]."""
     b, d = z0.shape
     k = multiplicity
@@ -27,4 +35,5 @@ def denoising_loss(model: nn.Module, z0: torch.Tensor, y: torch.Tensor, *,
         drop = torch.rand(b, k, generator=generator) < label_dropout
         labels = torch.where(drop, torch.full_like(labels, null_label), labels)
     pred = model(zt, t, labels)
-    return (pred - noise).pow(2).mean(dim=(1, 2))
+    target = noise if prediction == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * z0[:, None]
+    return (pred - target).pow(2).mean(dim=(1, 2))

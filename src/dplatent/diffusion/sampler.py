@@ -23,9 +23,10 @@ def initial_noise(seed: int, indices: np.ndarray, dim: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def guided_eps(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+def guided_output(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                guidance: float, null_label: int) -> torch.Tensor:
-    """eps_uncond + w (eps_cond - eps_uncond); w = 1 is the plain conditional model."""
+    """out_uncond + w (out_cond - out_uncond); w = 1 is the plain conditional model.
+    (Linear in the model output, so the same for epsilon- and v-prediction.)"""
     if guidance == 1.0:
         return model(z, t, y)
     both = model(torch.cat([z, z]), torch.cat([t, t]),
@@ -37,7 +38,7 @@ def guided_eps(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.Tens
 @torch.no_grad()
 def sample_latents(model: nn.Module, labels: np.ndarray, *, dim: int, seed: int, steps: int,
                    guidance: float, null_label: int, train_timesteps: int, beta_schedule: str,
-                   sampler: str = "ddim", batch_size: int = 2000,
+                   sampler: str = "ddim", prediction: str = "v", batch_size: int = 2000,
                    progress: bool = True) -> torch.Tensor:
     """Latents [N, dim] for the given labels; sample i uses seed (seed, i)."""
     model.eval()
@@ -47,12 +48,12 @@ def sample_latents(model: nn.Module, labels: np.ndarray, *, dim: int, seed: int,
         idx = np.arange(start, min(start + batch_size, len(labels)))
         y = torch.as_tensor(labels[idx], dtype=torch.long)
         z = initial_noise(seed, idx, dim)
-        sched = sampler_scheduler(sampler, train_timesteps, beta_schedule)
+        sched = sampler_scheduler(sampler, train_timesteps, beta_schedule, prediction)
         sched.set_timesteps(steps)
         z = z * sched.init_noise_sigma
         for t in sched.timesteps:
             tt = torch.full((len(idx),), int(t), dtype=torch.long)
-            eps = guided_eps(model, z, tt, y, guidance, null_label)
-            z = sched.step(eps, t, z).prev_sample
+            pred = guided_output(model, z, tt, y, guidance, null_label)
+            z = sched.step(pred, t, z).prev_sample
         out.append(z)
     return torch.cat(out)

@@ -13,10 +13,16 @@ def alphas_cumprod(train_timesteps: int, beta_schedule: str) -> torch.Tensor:
     return sched.alphas_cumprod.clone().float()
 
 
-def sampler_scheduler(name: str, train_timesteps: int, beta_schedule: str):
-    """A deterministic diffusers scheduler for epsilon-prediction on unbounded latents."""
+PREDICTIONS = {"epsilon": "epsilon", "v": "v_prediction"}
+
+
+def sampler_scheduler(name: str, train_timesteps: int, beta_schedule: str,
+                      prediction: str = "v"):
+    """A deterministic diffusers scheduler for unbounded latents."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; choose from {sorted(PREDICTIONS)}")
     common = dict(num_train_timesteps=train_timesteps, beta_schedule=beta_schedule,
-                  prediction_type="epsilon")
+                  prediction_type=PREDICTIONS[prediction])
     if name == "ddim":
         return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False)
     if name == "dpm":

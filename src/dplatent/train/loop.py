@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from dplatent.io import atomic_write
@@ -43,6 +43,19 @@ class StageSettings:
     ema_decay: float | None    # None: no EMA
     checkpoint_every: int
     seed: int
+
+
+def ema_decay_at(decay: float, updates: int) -> float:
+    """EMA decay with warm-up: min(decay, (1 + k) / (10 + k)) after k updates, so a short run's
+    average is not dominated by the initial weights."""
+    return min(decay, (1 + updates) / (10 + updates))
+
+
+def ema_avg_fn(decay: float):
+    def avg(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor):
+        d = ema_decay_at(decay, int(num_averaged))
+        return d * averaged + (1 - d) * current
+    return avg
 
 
 def checkpoint_path(run_dir: Path, stage: str) -> Path:
@@ -83,7 +96,7 @@ def train_stage(model: nn.Module, n: int, loss_fn: LossFn, s: StageSettings, led
     Returns the model to use downstream: the EMA copy when s.ema_decay is set.
     """
     plan = s.plan
-    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(s.ema_decay))
+    ema = (AveragedModel(model, avg_fn=ema_avg_fn(s.ema_decay))
            if s.ema_decay is not None else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
     sample_gen = torch.Generator().manual_seed(s.seed * 2 + 1)

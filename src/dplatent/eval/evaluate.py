@@ -24,7 +24,7 @@ import torch
 
 from dplatent import data
 from dplatent.data import LabelledImages
-from dplatent.errors import ConfigError, DataError
+from dplatent.errors import ConfigError
 from dplatent.eval import classifier, fid
 from dplatent.eval.classifier import ClassifierConfig
 
@@ -42,16 +42,6 @@ def parse_metrics(spec: str | Sequence[str]) -> list[str]:
     if not names:
         raise ConfigError(f"no metrics requested; choose from {', '.join(METRICS)}")
     return [m for m in METRICS if m in names]
-
-
-def check_matches(synthetic: LabelledImages, real: LabelledImages) -> None:
-    """The synthetic set must have the real set's image shape and class count."""
-    if synthetic.x.shape[1:] != real.x.shape[1:]:
-        raise DataError(f"{synthetic.name}: images have shape {tuple(synthetic.x.shape[1:])} but "
-                        f"{real.name} images have shape {tuple(real.x.shape[1:])}")
-    if synthetic.num_classes != real.num_classes:
-        raise DataError(f"{synthetic.name}: labels span {synthetic.num_classes} classes but "
-                        f"{real.name} has {real.num_classes}")
 
 
 def evaluate(synthetic: LabelledImages, dataset: str, data_dir: str | Path | None = None, *,
@@ -84,7 +74,7 @@ def evaluate(synthetic: LabelledImages, dataset: str, data_dir: str | Path | Non
     if fid_reference not in ("train", "test"):
         raise ConfigError(f"FID reference must be 'train' or 'test', got {fid_reference!r}")
     real_test = data.load(dataset, "test", data_dir)
-    check_matches(synthetic, real_test)
+    classifier.check_compatible(synthetic, real_test)
     result: dict = {"dataset": dataset, "synthetic": synthetic.name,
                     "n_synthetic": len(synthetic), "metrics": metrics}
     if "fid" in metrics:  # load (and verify) the network first: fail before hours of training

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dplatent import data as data_mod

@@ -32,9 +32,15 @@ DATASETS = ("mnist", "fashion-mnist")
 EPSILONS = (1.0, 10.0)
 
 
+def shown(cmd: list[str]) -> str:
+    """The command as a user would type it (no interpreter path)."""
+    exe = [sys.executable, "-m", "dplatent"]
+    return shlex.join(["dplatent", *cmd[3:]] if cmd[:3] == exe else cmd)
+
+
 def run(cmd: list[str], log) -> tuple[float, int]:
     """Run a command; returns (wall seconds, peak RSS of the child in MB)."""
-    log.write(f"$ {shlex.join(cmd)}\n")
+    log.write(f"$ {shown(cmd)}\n")
     log.flush()
     t = time.time()
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -60,6 +66,7 @@ def cell_key(r: dict) -> tuple:
 def run_cell(args, dataset: str, epsilon: float, log) -> dict:
     exe = [sys.executable, "-m", "dplatent"]
     run_dir = Path(args.runs) / f"{dataset}-eps{epsilon:g}-{args.preset}"
+    run_dir = run_dir if run_dir.is_absolute() else ROOT / run_dir
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     if (run_dir / "config.json").is_file():
         train_cmd = [*exe, "train", "--resume", "--out", str(run_dir), "--no-progress", *data]
@@ -82,6 +89,7 @@ def run_cell(args, dataset: str, epsilon: float, log) -> dict:
     ev = json.loads(eval_json.read_text())
     ledger = json.loads((run_dir / "privacy.json").read_text())
     timings = json.loads((run_dir / "timings.json").read_text())
+    guidance = json.loads((run_dir / "config.json").read_text())["sampling"]["guidance"]
     return {
         "dataset": dataset, "epsilon": epsilon, "delta": args.delta, "preset": args.preset,
         "public_data": False,
@@ -96,9 +104,9 @@ def run_cell(args, dataset: str, epsilon: float, log) -> dict:
         "train_command_wall_s": round(train_wall, 1),
         "sample_wall_s": round(sample_wall, 1), "eval_wall_s": round(eval_wall, 1),
         "num_samples": args.num_samples, "classifier_seeds": args.seeds,
-        "cnn_epochs": args.cnn_epochs or 10, "evaluate_command": shlex.join(eval_cmd),
+        "cnn_epochs": args.cnn_epochs or 10, "evaluate_command": shown(eval_cmd),
         "peak_rss_mb": max(rss1, rss2, rss3),
-        "command": shlex.join(train_cmd),
+        "command": shown(train_cmd), "guidance": guidance,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
         "date": dt.date.today().isoformat(),
     }
@@ -111,7 +119,7 @@ def fmt(v, pct: bool = False, digits: int = 1) -> str:
 
 
 def table(results: list[dict]) -> str:
-    head = ("| data set | ε (ledger) | preset | CNN % | MLP % | LogReg % | FID (n) | "
+    head = ("| data set | ε (ledger) | preset (guidance) | CNN % | MLP % | LogReg % | FID (n) | "
             "train AE / diff. (s) | sample (s) | peak RSS (MB) | date |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
@@ -122,6 +130,7 @@ def table(results: list[dict]) -> str:
         fid = "—" if r["fid"] is None else f"{r['fid']:.1f} ({r['fid_samples']})"
         rows.append(
             f"| {r['dataset']} | {r['epsilon']:g} ({r['epsilon_ledger']:.2f}) | {r['preset']} "
+            f"({r.get('guidance', '?')}) "
             f"| {cnn} | {fmt(r['mlp_acc'], True)} | {fmt(r['logreg_acc'], True)} | {fid} "
             f"| {fmt(r['autoencoder_wall_s'], digits=0)} / {fmt(r['diffusion_wall_s'], digits=0)}"
             f" | {fmt(r['sample_wall_s'], digits=0)} | {r['peak_rss_mb']} | {r['date']} |")
@@ -149,7 +158,7 @@ def main() -> None:
     ap.add_argument("--epsilons", default=",".join(f"{e:g}" for e in EPSILONS))
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--data-dir", default=os.environ.get("DPLATENT_DATA"))
-    ap.add_argument("--runs", default=str(ROOT / "benchmarks" / "runs"))
+    ap.add_argument("--runs", default="benchmarks/runs", help="relative to the repository root")
     ap.add_argument("--num-samples", type=int, default=60000)
     ap.add_argument("--fid-samples", type=int, default=10000)
     ap.add_argument("--metrics", default="fid,cnn,mlp,logreg")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import numpy as np  # noqa: E402
 
 from dplatent import data  # noqa: E402
 from dplatent.errors import DataError  # noqa: E402
+from dplatent.io import atomic_write  # noqa: E402
 
 CURVES_PNG = "training_curves.png"
 CLASS_GRID_PNG = "synthetic_grid.png"
@@ -104,18 +103,12 @@ def dataset_name(run: RunFiles) -> str | None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
-                                     suffix=".tmp", delete=False, encoding="utf-8") as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def atomic_savefig(fig: plt.Figure, path: Path) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100, bbox_inches="tight"))
     plt.close(fig)
-    os.replace(tmp.name, path)
 
 
 # ----------------------------------------------------------------------------- figures

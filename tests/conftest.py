@@ -105,3 +105,16 @@ def loss_from_draws(model, z0, y, acp, t, noise, drop, null_label, prediction="v
     # epsilon-prediction targets the noise; v-prediction v = sqrt(ab) eps - sqrt(1 - ab) z0
     target = noise if prediction == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
     return (model(zt, t, labels) - target).pow(2).mean(dim=(1, 2))
+
+
+def quadrant_images(n: int, seed: int, size: int = 12,
+                    classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """A separable labelled set: class c lights up quadrant c of a noisy size x size image."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, size=n)
+    x = rng.integers(0, 80, size=(n, size, size)).astype(np.uint8)
+    half = size // 2
+    for i, c in enumerate(y):
+        r, col = divmod(int(c), 2)
+        x[i, r * half:(r + 1) * half, col * half:(col + 1) * half] += 170
+    return x, y.astype(np.int64)

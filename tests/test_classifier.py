@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import quadrant_images
 from dplatent.data import LabelledImages
 from dplatent.errors import ConfigError, DataError
 from dplatent.eval import classifier
@@ -17,13 +18,8 @@ CLASSES = 4
 
 def separable(n: int, seed: int, name: str) -> LabelledImages:
     """Class c lights up quadrant c of a noisy 12x12 image."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, CLASSES, size=n)
-    x = rng.integers(0, 80, size=(n, SIZE, SIZE)).astype(np.uint8)
-    for i, c in enumerate(y):
-        r, col = divmod(int(c), 2)
-        x[i, r * 6:(r + 1) * 6, col * 6:(col + 1) * 6] += 170
-    return LabelledImages(x=x, y=y.astype(np.int64), num_classes=CLASSES, name=name)
+    x, y = quadrant_images(n, seed, SIZE, CLASSES)
+    return LabelledImages(x=x, y=y, num_classes=CLASSES, name=name)
 
 
 @pytest.mark.parametrize("channels,size", [(1, 28), (3, 32), (3, 64), (1, 12)])

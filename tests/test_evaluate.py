@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from conftest import quadrant_images
+
 import json
 from pathlib import Path
 
@@ -17,13 +19,7 @@ SIZE, CLASSES = 12, 4
 
 
 def make_set(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, CLASSES, size=n)
-    x = rng.integers(0, 80, size=(n, SIZE, SIZE)).astype(np.uint8)
-    for i, c in enumerate(y):
-        r, col = divmod(int(c), 2)
-        x[i, r * 6:(r + 1) * 6, col * 6:(col + 1) * 6] += 170
-    return x, y.astype(np.int64)
+    return quadrant_images(n, seed, SIZE, CLASSES)
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ DataDirOpt = Annotated[Optional[str], typer.Option(
 PresetOpt = Annotated[str, typer.Option("--preset", help="named preset (configs/) or a .toml")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="override a config value, e.g. --set diffusion.epochs=10 (repeatable)")]
+DeviceOpt = Annotated[Optional[str], typer.Option(
+    "--device", help="auto (a CUDA GPU when present), cpu, cuda or cuda:N")]
 
 
 def _config(preset: str, epsilon: float | None, delta: float | None, seed: int | None,
@@ -74,6 +76,7 @@ def train(out: Annotated[Path, typer.Option("--out", help="run directory to crea
           preset: PresetOpt = "quick", sets: SetOpt = None,
           seed: Annotated[Optional[int], typer.Option(help="random seed")] = None,
           threads: Annotated[Optional[int], typer.Option(help="CPU threads (0 = all)")] = None,
+          device: DeviceOpt = None,
           resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
           grid: Annotated[bool, typer.Option(help="write samples.png at the end")] = True,
           progress: Annotated[bool, typer.Option(help="show progress bars")] = True):
@@ -94,6 +97,9 @@ def train(out: Annotated[Path, typer.Option("--out", help="run directory to crea
         dataset = meta["dataset"]
     else:
         cfg = _config(preset, epsilon, delta, seed, threads, sets)
+    if device is not None:  # not a privacy setting: a resumed run may change it too
+        import dataclasses
+        cfg = dataclasses.replace(cfg, device=device)
     result = run_train(dataset=dataset, data_dir=data_dir, cfg=cfg, run_dir=out, resume=resume,
                        progress=progress)
     led = result["ledger"]
@@ -116,6 +122,7 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
            png_dir: Annotated[Optional[Path], typer.Option(
                "--png-dir", help="also write PNGs, one folder per class")] = None,
            seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+           device: DeviceOpt = None,
            guidance: Annotated[Optional[float], typer.Option(
                help="classifier-free guidance scale (default from the run)")] = None,
            steps: Annotated[Optional[int], typer.Option(help="sampler steps")] = None,
@@ -125,7 +132,7 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
 
     from dplatent.sample import TrainedRun, generate, save_npz, save_png_dir
     t = time.time()
-    trained = TrainedRun(run)
+    trained = TrainedRun(run, device=device)
     x, y = generate(trained, num, seed=seed, guidance=guidance, steps=steps, progress=progress)
     path = save_npz(out or run / "synthetic.npz", x, y)
     if png_dir:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dplatent.device import check_spec as check_device
 from dplatent.errors import ConfigError
 
 PRESET_DIRS = (Path(__file__).resolve().parents[2] / "configs",)
@@ -120,6 +121,7 @@ class RunConfig:
     preset: str = "default"
     seed: int = 0
     threads: int = 0                       # 0 = all cores
+    device: str = "auto"                   # auto (a CUDA GPU when present), cpu, cuda, cuda:N
     checkpoint_every: int = 200            # logical steps between checkpoints
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -128,6 +130,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(self.threads >= 0, "threads must be >= 0")
+        check_device(self.device)
         _check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:

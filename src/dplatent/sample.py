@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from dplatent import device as device_mod  # noqa: E402
 from dplatent.config import RunConfig, from_dict  # noqa: E402
 from dplatent.diffusion.sampler import sample_latents  # noqa: E402
 from dplatent.errors import ConfigError, DplatentError  # noqa: E402
@@ -26,9 +27,12 @@ from dplatent.train.stages import build_autoencoder, build_denoiser  # noqa: E40
 
 
 class TrainedRun:
-    """The published part of a run: decoder and EMA denoiser (and the resolved config)."""
+    """The published part of a run: decoder and EMA denoiser (and the resolved config).
 
-    def __init__(self, run_dir: str | Path):
+    `device`: where the models run (auto, cpu, cuda, cuda:N or a torch.device); None takes the
+    run's configured device (auto unless it was trained with --device)."""
+
+    def __init__(self, run_dir: str | Path, device: str | torch.device | None = None):
         self.dir = Path(run_dir)
         cfg_path = self.dir / "config.json"
         if not cfg_path.is_file():
@@ -38,6 +42,8 @@ class TrainedRun:
             self.meta = raw.pop("derived")
             self.cfg: RunConfig = from_dict(raw)
             self.num_classes = int(self.meta["num_classes"])
+            self.device = (device if isinstance(device, torch.device)
+                           else device_mod.resolve(self.cfg.device if device is None else device))
             ae_plan = self.meta["privacy_plan"]["stages"]
             self.planned_steps = {s["stage"]: int(s["steps"]) for s in ae_plan}
             self.autoencoder = self._load_ae()
@@ -65,7 +71,7 @@ class TrainedRun:
     def _load_ae(self) -> Autoencoder:
         ae = build_autoencoder(self.cfg, self.meta["channels"], self.meta["image_size"])
         ae.load_state_dict(self._checkpoint("autoencoder")["model"])
-        return ae.eval()
+        return ae.to(self.device).eval()
 
     def _load_denoiser(self) -> Denoiser:
         dim = int(np.prod(self.autoencoder.latent_shape))
@@ -73,7 +79,7 @@ class TrainedRun:
         ema = self._checkpoint("diffusion")["ema"]
         state = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
         den.load_state_dict(state if state else self._checkpoint("diffusion")["model"])
-        return den.eval()
+        return den.to(self.device).eval()
 
 
 def balanced_labels(num: int, num_classes: int) -> np.ndarray:
@@ -101,7 +107,7 @@ def generate(run: TrainedRun, num: int, *, seed: int = 0, guidance: float | None
     images = []
     for i in range(0, len(z), s.batch_size):
         images.append(run.autoencoder.decode(z[i:i + s.batch_size].view(-1, *shape)))
-    x = (torch.cat(images).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    x = (torch.cat(images).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     x = x[:, 0] if x.shape[1] == 1 else x.transpose(0, 2, 3, 1)
     return x, y.astype(np.int64)
 

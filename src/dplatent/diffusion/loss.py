@@ -26,13 +26,14 @@ def denoising_loss(model: nn.Module, z0: torch.Tensor, y: torch.Tensor, *,
     """z0: [B, D] clean latents, y: [B] labels -> loss per example [B]."""
     b, d = z0.shape
     k = multiplicity
-    t = torch.randint(0, len(alphas_cumprod), (b, k), generator=generator)
-    noise = torch.randn(b, k, d, generator=generator)
+    dev = z0.device  # the generator, if given, lives on the same device
+    t = torch.randint(0, len(alphas_cumprod), (b, k), generator=generator, device=dev)
+    noise = torch.randn(b, k, d, generator=generator, device=dev)
     ab = alphas_cumprod[t].unsqueeze(-1)
     zt = ab.sqrt() * z0.unsqueeze(1) + (1 - ab).sqrt() * noise
     labels = y.unsqueeze(1).expand(b, k)
     if label_dropout > 0:
-        drop = torch.rand(b, k, generator=generator) < label_dropout
+        drop = torch.rand(b, k, generator=generator, device=dev) < label_dropout
         labels = torch.where(drop, torch.full_like(labels, null_label), labels)
     pred = model(zt, t, labels)
     target = noise if prediction == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * z0[:, None]

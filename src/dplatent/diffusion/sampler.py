@@ -1,7 +1,9 @@
 """Sampling latents from a trained denoiser: post-processing, no privacy cost.
 
 Each sample's starting noise comes from its own seed (run seed, sample index), and the samplers
-are deterministic, so sample i is the same whatever the batch it is drawn in.
+are deterministic, so sample i is the same whatever the batch it is drawn in. The starting noise
+is drawn on the CPU (a few numbers per sample) and then moved to the model's device, so the
+same seed starts from the same noise on every device.
 """
 
 from __future__ import annotations
@@ -40,19 +42,21 @@ def sample_latents(model: nn.Module, labels: np.ndarray, *, dim: int, seed: int,
                    guidance: float, null_label: int, train_timesteps: int, beta_schedule: str,
                    sampler: str = "ddim", prediction: str = "v", batch_size: int = 2000,
                    progress: bool = True) -> torch.Tensor:
-    """Latents [N, dim] for the given labels; sample i uses seed (seed, i)."""
+    """Latents [N, dim] on the model's device for the given labels; sample i uses seed
+    (seed, i)."""
     model.eval()
+    device = next(model.parameters()).device
     out = []
     starts = range(0, len(labels), batch_size)
     for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress):
         idx = np.arange(start, min(start + batch_size, len(labels)))
-        y = torch.as_tensor(labels[idx], dtype=torch.long)
-        z = initial_noise(seed, idx, dim)
+        y = torch.as_tensor(labels[idx], dtype=torch.long, device=device)
+        z = initial_noise(seed, idx, dim).to(device)
         sched = sampler_scheduler(sampler, train_timesteps, beta_schedule, prediction)
-        sched.set_timesteps(steps)
+        sched.set_timesteps(steps, device=device)
         z = z * sched.init_noise_sigma
         for t in sched.timesteps:
-            tt = torch.full((len(idx),), int(t), dtype=torch.long)
+            tt = torch.full((len(idx),), int(t), dtype=torch.long, device=device)
             pred = guided_output(model, z, tt, y, guidance, null_label)
             z = sched.step(pred, t, z).prev_sample
         out.append(z)

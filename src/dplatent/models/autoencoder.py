@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dplatent.errors import ConfigError
+
 
 def _block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1),
@@ -60,15 +62,25 @@ class Decoder(nn.Module):
         return self.out(self.body(z))
 
 
+def latent_shape(image_size: int, channels: tuple[int, ...],
+                 latent_channels: int) -> tuple[int, int, int]:
+    """(L, S/2^k, S/2^k) for S x S images and k = len(channels) stride-2 stages; ConfigError
+    when the size does not divide (e.g. 28, 32 and 64 all work with two stages)."""
+    factor = 2 ** len(channels)
+    if image_size % factor or image_size < factor:
+        fits = [s for s in (28, 32, 64) if s % factor == 0]
+        raise ConfigError(f"{image_size}x{image_size} images do not fit the autoencoder: "
+                          f"its {len(channels)} downsampling stages (autoencoder.channels = "
+                          f"{list(channels)}) need a side divisible by {factor}"
+                          + (f", e.g. {', '.join(map(str, fits))}" if fits else ""))
+    return (latent_channels, image_size // factor, image_size // factor)
+
+
 class Autoencoder(nn.Module):
     def __init__(self, *, in_channels: int, image_size: int, channels: tuple[int, ...],
                  latent_channels: int):
         super().__init__()
-        factor = 2 ** len(channels)
-        if image_size % factor:
-            raise ValueError(f"image size {image_size} is not divisible by {factor} "
-                             f"({len(channels)} downsampling stages)")
-        self.latent_shape = (latent_channels, image_size // factor, image_size // factor)
+        self.latent_shape = latent_shape(image_size, channels, latent_channels)
         self.encoder = Encoder(in_channels, channels, latent_channels)
         self.decoder = Decoder(in_channels, channels, latent_channels)
 

@@ -78,7 +78,7 @@ class DPTrainer:
             if self.mode == "ghost":
                 p.grad = torch.zeros_like(p)
             else:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
 
 
 def make_trainer(model: nn.Module, optimizer: torch.optim.Optimizer, *, mode: str,

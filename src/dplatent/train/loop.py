@@ -99,9 +99,12 @@ def train_stage(model: nn.Module, n: int, loss_fn: LossFn, s: StageSettings, led
     ema = (AveragedModel(model, avg_fn=ema_avg_fn(s.ema_decay))
            if s.ema_decay is not None else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
+    # Poisson sampling draws indices on the CPU; gradient noise and the loss's draws are made
+    # on the model's device, so their generators live there.
+    device = next(model.parameters()).device
     sample_gen = torch.Generator().manual_seed(s.seed * 2 + 1)
-    noise_gen = torch.Generator().manual_seed(s.seed * 2 + 2)
-    loss_gen = torch.Generator().manual_seed(s.seed * 2 + 3)
+    noise_gen = torch.Generator(device=device).manual_seed(s.seed * 2 + 2)
+    loss_gen = torch.Generator(device=device).manual_seed(s.seed * 2 + 3)
     start = 0
     path = checkpoint_path(run_dir, s.name)
     if path.is_file():

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 
 from dplatent import data as data_mod
+from dplatent import device as device_mod
 from dplatent import runtime
 from dplatent.config import RunConfig
 from dplatent.diffusion.loss import denoising_loss
 from dplatent.diffusion.schedule import alphas_cumprod
 from dplatent.errors import ConfigError
 from dplatent.io import write_json
-from dplatent.models.autoencoder import Autoencoder, reconstruction_loss
+from dplatent.models.autoencoder import Autoencoder, latent_shape, reconstruction_loss
 from dplatent.models.denoiser import Denoiser
 from dplatent.privacy.accounting import PrivacyPlan, plan as make_plan
 from dplatent.privacy.ledger import Ledger
@@ -42,10 +43,10 @@ def build_denoiser(cfg: RunConfig, dim: int, num_classes: int) -> Denoiser:
 
 def train_autoencoder(images: torch.Tensor, cfg: RunConfig, plan: PrivacyPlan, ledger: Ledger,
                       run_dir: Path, progress: bool = True) -> Autoencoder:
-    model = build_autoencoder(cfg, images.shape[1], images.shape[2])
+    model = build_autoencoder(cfg, images.shape[1], images.shape[2]).to(images.device)
 
     def loss_fn(module, idx, gen):
-        return reconstruction_loss(module, images[idx])
+        return reconstruction_loss(module, images[idx.to(images.device)])
 
     settings = StageSettings(name="autoencoder", plan=plan.stage("autoencoder"),
                              lr=cfg.autoencoder.lr,
@@ -66,10 +67,11 @@ def train_diffusion(latents: torch.Tensor, labels: torch.Tensor, num_classes: in
                     cfg: RunConfig, plan: PrivacyPlan, ledger: Ledger, run_dir: Path,
                     progress: bool = True) -> Denoiser:
     d = cfg.diffusion
-    model = build_denoiser(cfg, latents.shape[1], num_classes)
-    acp = alphas_cumprod(d.train_timesteps, d.beta_schedule)
+    model = build_denoiser(cfg, latents.shape[1], num_classes).to(latents.device)
+    acp = alphas_cumprod(d.train_timesteps, d.beta_schedule).to(latents.device)
 
     def loss_fn(module, idx, gen):
+        idx = idx.to(latents.device)
         return denoising_loss(module, latents[idx], labels[idx], alphas_cumprod=acp,
                               multiplicity=d.noise_multiplicity, label_dropout=d.label_dropout,
                               null_label=num_classes, prediction=d.prediction, generator=gen)
@@ -94,6 +96,10 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
         raise ConfigError(f"{run_dir} exists and is not empty; use --resume to continue it "
                           "or choose another --out")
     private = data_mod.load(dataset, "train", data_dir)
+    latent_shape(private.image_size, cfg.autoencoder.channels, cfg.autoencoder.latent_channels)
+    device = device_mod.resolve(cfg.device)
+    if resume:
+        _check_resume_device(run_dir, device)
     n = len(private)
     plan = make_plan(n, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -104,12 +110,12 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
             "channels": private.channels, "image_size": private.image_size,
             "class_names": data_mod.class_names(dataset, private.num_classes),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.platform()}
+            "machine": platform.platform(), "device": str(device)}
     save_config(run_dir, cfg, plan, meta)
     ledger = Ledger(accountant=plan.accountant, target_epsilon=plan.target_epsilon,
                     delta=plan.delta)
-    images = torch.from_numpy(private.to_float())
-    labels = torch.from_numpy(private.y)
+    images = torch.from_numpy(private.to_float()).to(device)
+    labels = torch.from_numpy(private.y).to(device)
     timings = {}
     t = time.time()
     ae = train_autoencoder(images, cfg, plan, ledger, run_dir, progress)
@@ -122,6 +128,17 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
     del latents, images
     _write_timings(run_dir, timings)
     return {"timings": timings, "ledger": ledger.to_dict(), "autoencoder": ae, "denoiser": den}
+
+
+def _check_resume_device(run_dir: Path, device: torch.device) -> None:
+    """Checkpoints hold random generator states of the device they were written on."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text()).get("derived", {}).get("device", "cpu")
+    if torch.device(saved).type != device.type:
+        raise ConfigError(f"{run_dir} was trained on {saved}; resume it on the same kind of "
+                          f"device (--device {torch.device(saved).type}), not on {device}")
 
 
 def _write_timings(run_dir: Path, timings: dict) -> None:

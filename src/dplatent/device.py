@@ -1,0 +1,57 @@
+"""Which device the models run on: `auto`, `cpu`, `cuda` or `cuda:N`.
+
+Every command runs the same code on every device: models and tensors are moved with
+`.to(device)` and random generators are created on the device whose tensors they fill.
+`auto` picks the first CUDA GPU when torch sees one, else the CPU. No mixed precision is
+used: per-example gradient norms, clipping and noise stay in float32 everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from dplatent.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+CHOICES = ("auto", "cpu", "cuda")
+_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_spec(spec: str) -> str:
+    """`spec` if it names a device option (no torch needed); ConfigError otherwise."""
+    if not isinstance(spec, str) or not _PATTERN.fullmatch(spec):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    return spec
+
+
+def resolve(spec: str = "auto") -> torch.device:
+    """The torch device for an option value; a clear error when a GPU is asked for and absent."""
+    import torch
+    text = check_spec(spec)
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = (f"CUDA {torch.version.cuda}" if torch.version.cuda
+                 else "a CPU-only build")
+        raise ConfigError(f"device {text!r}: no CUDA GPU is available (torch "
+                          f"{torch.__version__}, {build}); use --device cpu or --device auto")
+    index = int(text.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(f"device {text!r}: only {count} CUDA GPU(s) visible "
+                          f"(cuda:0..cuda:{count - 1})")
+    return torch.device("cuda", index)
+
+
+def describe(device: torch.device) -> str:
+    """A short human-readable name, e.g. 'cpu' or 'cuda:0 (NVIDIA H100)'."""
+    import torch
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return device.type

@@ -1,4 +1,5 @@
-"""Private labelled image data: IDX and npz readers, validation, local lookup and download.
+"""Private labelled image data: IDX, npz and image-folder readers, validation, local lookup and
+download.
 
 Only public metadata (data set name, image shape, class count, number of records) leaves this
 module without a DP mechanism; the arrays themselves are private.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from dplatent.errors import DataError
 
@@ -61,6 +63,10 @@ CLASS_NAMES = {
 ENV_DATA_DIR = "DPLATENT_DATA"
 IDX_MAX_BYTES = 1 << 32  # refuse headers that claim more than 4 GiB of payload
 IDX_DTYPES = {0x08: np.uint8}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")   # image folders: file names, any case
+IMAGE_FORMATS = ("PNG", "JPEG")              # ... and what Pillow finds inside
+MAX_IMAGE_SIDE = 1024                        # refused before decoding (decompression bombs)
+TEST_SUFFIX = "-test"                        # NAME-test.npz / NAME-test/ beside NAME
 
 
 @dataclass(frozen=True)
@@ -284,24 +290,151 @@ def load_builtin(name: str, split: str, data_dir: str | Path | None = None) -> L
                           name=f"{name}/{split}")
 
 
-def load(dataset: str, split: str = "train", data_dir: str | Path | None = None) -> LabelledImages:
-    """Load a built-in data set by name or a user's npz by path.
+def _class_folders(path: Path) -> list[Path]:
+    """The class sub-folders of an image folder, sorted by name (hidden ones skipped)."""
+    try:
+        entries = sorted(path.iterdir())
+    except OSError as exc:
+        raise DataError(f"{path}: cannot list the folder ({exc})") from exc
+    classes = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+    if not classes:
+        loose = sum(p.suffix.lower() in IMAGE_SUFFIXES for p in entries)
+        raise DataError(f"{path}: no class folders"
+                        + (f" ({loose} images lie directly in it)" if loose else "")
+                        + "; put each class's images in a sub-folder named after the class")
+    if len(classes) < 2:
+        raise DataError(f"{path}: need at least 2 classes, found 1 class folder "
+                        f"({classes[0].name!r})")
+    return classes
 
-    For an npz, split 'train' reads arrays x/y; split 'test' reads x_test/y_test from the same
-    file, or a sibling file with suffix `-test.npz`.
+
+def _read_image(path: Path) -> tuple[np.ndarray, str]:
+    """One PNG/JPEG as uint8 (H, W) for grey or (H, W, 3) for RGB, and 'grey' or 'RGB'."""
+    try:
+        with Image.open(path) as img:
+            if img.format not in IMAGE_FORMATS:
+                raise DataError(f"{path}: a {img.format} image; the image folder takes PNG "
+                                "and JPEG only")
+            w, h = img.size
+            if max(w, h) > MAX_IMAGE_SIDE:
+                raise DataError(f"{path}: {w}x{h} pixels; images over {MAX_IMAGE_SIDE}x"
+                                f"{MAX_IMAGE_SIDE} are refused")
+            if w != h:
+                raise DataError(f"{path}: images must be square, got {w}x{h}")
+            mode = img.mode
+            if mode in ("L", "1"):
+                return np.array(img.convert("L"), dtype=np.uint8), "grey"
+            if mode == "RGB" or (mode == "P" and "transparency" not in img.info):
+                return np.array(img.convert("RGB"), dtype=np.uint8), "RGB"
+            if mode in ("RGBA", "LA", "PA", "P"):
+                raise DataError(f"{path}: has an alpha channel (mode {mode}); flatten it onto "
+                                "a background first (grey or RGB images only)")
+            raise DataError(f"{path}: image mode {mode} is not supported; use 8-bit grey (L) "
+                            "or RGB")
+    except DataError:
+        raise
+    except Exception as exc:  # Pillow: unidentified, truncated, corrupt, decompression bomb
+        detail = str(exc).replace(f" {str(path)!r}", "")  # Pillow repeats the path
+        detail = " ".join(detail.split())[:200] or type(exc).__name__
+        raise DataError(f"{path}: unreadable image ({detail})") from exc
+
+
+def read_image_folder(path: str | Path, class_names: list[str] | None = None) -> LabelledImages:
+    """Read a folder with one sub-folder per class, each holding PNG or JPEG images.
+
+    Labels are the indices of the sorted class-folder names (public metadata, like the class
+    count). All images must have one square size and one mode: all grey or all RGB. Files whose
+    names start with a dot are skipped; anything else that is not a .png/.jpg/.jpeg file is an
+    error, so no record is dropped silently. `class_names`: the class list the folder must have
+    (a test split must match its training split).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: folder not found")
+    classes = _class_folders(path)
+    names = [c.name for c in classes]
+    if class_names is not None and names != list(class_names):
+        raise DataError(f"{path}: class folders {names} differ from the training split's "
+                        f"{list(class_names)}")
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, folder in enumerate(classes):
+        try:
+            members = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        except OSError as exc:
+            raise DataError(f"{folder}: cannot list the folder ({exc})") from exc
+        if not members:
+            raise DataError(f"{folder}: empty class folder (no images)")
+        for p in members:
+            if p.is_dir():
+                raise DataError(f"{p}: a folder inside a class folder; class folders hold "
+                                "image files only")
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                raise DataError(f"{p}: not a .png, .jpg or .jpeg file; class folders hold "
+                                "PNG and JPEG images only")
+        files += members
+        labels += [label] * len(members)
+    x = None
+    first: tuple[Path, tuple, str] | None = None
+    for i, p in enumerate(files):
+        img, kind = _read_image(p)
+        if first is None:
+            first = (p, img.shape, kind)
+            x = np.empty((len(files), *img.shape), dtype=np.uint8)
+        elif (img.shape, kind) != first[1:]:
+            raise DataError(f"{p}: {_describe(img.shape, kind)}, but {first[0]} is "
+                            f"{_describe(*first[1:])}; all images must have one size and one "
+                            "mode (all grey or all RGB)")
+        x[i] = img
+    return LabelledImages(x=x, y=np.asarray(labels, dtype=np.int64), num_classes=len(classes),
+                          name=str(path))
+
+
+def _describe(shape: tuple, kind: str) -> str:
+    return f"{shape[1]}x{shape[0]} {kind}"
+
+
+def sibling_test_path(path: str | Path) -> Path:
+    """NAME-test.npz beside NAME.npz, NAME-test/ beside the folder NAME/."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        return path.with_name(path.stem + TEST_SUFFIX + ".npz")
+    return path.with_name(path.name + TEST_SUFFIX)
+
+
+def load(dataset: str, split: str = "train", data_dir: str | Path | None = None) -> LabelledImages:
+    """Load a built-in data set by name, a user's npz or a user's image folder by path.
+
+    Split 'train' reads the file or folder given; split 'test' reads its sibling with suffix
+    `-test` (NAME-test.npz, or the folder NAME-test/ with the same class folders).
     """
     if dataset in BUILTIN:
         return load_builtin(dataset, split, data_dir)
     path = Path(dataset)
-    if path.suffix != ".npz":
-        raise DataError(f"unknown data set {dataset!r}; choose from {BUILTIN} or give an .npz path")
+    if not path.is_dir() and path.suffix != ".npz":
+        raise DataError(f"unknown data set {dataset!r}; choose from {BUILTIN}, or give an .npz "
+                        "path or an image folder")
+    if split not in FILES:
+        raise DataError(f"unknown split {split!r}; choose 'train' or 'test'")
+    if path.is_dir():
+        if split == "train":
+            return read_image_folder(path)
+        sibling = sibling_test_path(path)
+        if sibling.is_dir():
+            return read_image_folder(sibling, class_names=class_names(dataset, 0))
+        raise DataError(f"{path}: no test split; provide the folder {sibling.name} beside it, "
+                        "with the same class folders")
     if split == "train":
         return read_npz(path)
-    sibling = path.with_name(path.stem + "-test.npz")
+    sibling = sibling_test_path(path)
     if sibling.is_file():
         return read_npz(sibling)
     raise DataError(f"{path}: no test split; provide {sibling.name} beside it")
 
 
 def class_names(dataset: str, num_classes: int) -> list[str]:
+    """Class names: the built-in lists, an image folder's sorted class-folder names, else the
+    label numbers."""
+    if dataset not in BUILTIN and Path(dataset).is_dir():
+        return [p.name for p in _class_folders(Path(dataset))]
     return CLASS_NAMES.get(dataset, [str(i) for i in range(num_classes)])

@@ -1,7 +1,10 @@
 """Empirical privacy audit of a trained run: membership-inference attacks and the epsilon lower
 bound they imply.
 
-Members are records of the run's training split, non-members are records of its test split.
+Members are records of the run's training split, non-members are records of its test split;
+for a run trained on a random subset (`subset`), non-members are the training records left out,
+which makes the two groups exchangeable. A non-private control run (noise multiplier 0) is
+audited like any other and its audit.json says `"private": false` with the NOT PRIVATE label.
 Each attack gives every record a score (higher = "more likely a member"):
 
   denoiser_loss        minus the EMA denoiser's training loss (epsilon- or v-prediction error)
@@ -44,6 +47,7 @@ from scipy import stats
 from dplatent import data as data_mod
 from dplatent.errors import ConfigError, DataError, DplatentError
 from dplatent.io import write_json
+from dplatent.privacy.accounting import NOT_PRIVATE
 
 FILENAME = "audit.json"
 FPR_LEVELS = (0.001, 0.01)
@@ -225,20 +229,43 @@ def audit(run_dir: str | Path, data_dir: str | Path | None = None, *, n_members:
     ledger_path = run_dir / "privacy.json"
     try:
         ledger = json.loads(ledger_path.read_text())
-        delta, accounted = float(ledger["delta"]), float(ledger["epsilon"])
+        delta, accounted = float(ledger["delta"]), ledger["epsilon"]
+        accounted = None if accounted is None else float(accounted)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DplatentError(f"{ledger_path}: unreadable privacy ledger ({exc})") from exc
+    # NOT PRIVATE if any record says so: the config, the ledger's flag, or no finite epsilon.
+    private = (not run.cfg.privacy.non_private_control and ledger.get("private") is not False
+               and accounted is not None and math.isfinite(accounted))
     dataset = run.meta["dataset"]
     train = data_mod.load(dataset, "train", data_dir)
-    test = data_mod.load(dataset, "test", data_dir)
-    if len(train) != int(run.meta["n"]):
+    source_records = int(run.meta.get("source_records", run.meta["n"]))
+    if len(train) != source_records:
         raise DataError(f"{dataset}: the training split has {len(train)} records but the run "
-                        f"was trained on {run.meta['n']}; not the same data")
-    if test.x.shape[1:] != train.x.shape[1:]:
-        raise DataError(f"{dataset}: test images {test.x.shape[1:]} differ from training "
-                        f"images {train.x.shape[1:]}")
+                        f"was trained on {source_records}; not the same data")
     rng = np.random.default_rng(seed)
-    mi, oi = _pick(len(train), n_members, rng), _pick(len(test), n_nonmembers, rng)
+    if run.cfg.subset:
+        # Members: the run's random subset; non-members: the training records left out. Who
+        # is in was decided by a coin independent of the data, so the two are exchangeable.
+        from dplatent.train.stages import subset_indices
+        inside = subset_indices(len(train), run.cfg.subset, run.cfg.seed)
+        outside = np.setdiff1d(np.arange(len(train)), inside)
+        mi = inside[_pick(len(inside), n_members, rng)]
+        oi = outside[_pick(len(outside), n_nonmembers, rng)]
+        if not len(oi):
+            raise DataError(f"{dataset}: the run trained on every record; no non-members left")
+        non_x, non_y = train.x[oi], train.y[oi]
+        sources = (f"random training subset of {len(inside)} (subset={run.cfg.subset}, "
+                   f"seed={run.cfg.seed})",
+                   f"training records outside the subset ({len(outside)}); exchangeable "
+                   "with the members")
+    else:
+        test = data_mod.load(dataset, "test", data_dir)
+        if test.x.shape[1:] != train.x.shape[1:]:
+            raise DataError(f"{dataset}: test images {test.x.shape[1:]} differ from training "
+                            f"images {train.x.shape[1:]}")
+        mi, oi = _pick(len(train), n_members, rng), _pick(len(test), n_nonmembers, rng)
+        non_x, non_y = test.x[oi], test.y[oi]
+        sources = ("training split", "test split")
 
     old_threads = torch.get_num_threads()
     try:
@@ -247,7 +274,7 @@ def audit(run_dir: str | Path, data_dir: str | Path | None = None, *, n_members:
             torch.set_num_threads(threads)
         synthetic, synth_source = _synthetic(run, run_dir, num_synthetic, seed)
         mem = _scores(run, _images(train.x[mi]), train.y[mi], synthetic, seed)
-        non = _scores(run, _images(test.x[oi]), test.y[oi], synthetic, seed)
+        non = _scores(run, _images(non_x), non_y, synthetic, seed)
         attacks = {name: attack_metrics(mem[name], non[name], delta, confidence)
                    for name in mem}
         canary = _canary_audit(run, Path(canaries), synthetic, seed, delta, confidence) \
@@ -260,19 +287,24 @@ def audit(run_dir: str | Path, data_dir: str | Path | None = None, *, n_members:
         bounds += [a["epsilon_lower_bound"] for a in canary["attacks"].values()]
     result = {
         "run": str(run_dir), "dataset": dataset, "seed": seed,
-        "members": {"source": "training split", "count": len(mi)},
-        "nonmembers": {"source": "test split", "count": len(oi)},
+        "private": private,
+        **({} if private else {"label": NOT_PRIVATE}),
+        "members": {"source": sources[0], "count": len(mi)},
+        "nonmembers": {"source": sources[1], "count": len(oi)},
         "synthetic": synth_source, "delta": delta, "confidence": confidence,
-        "accounted_epsilon": accounted,
+        "accounted_epsilon": accounted if private else None,
         "empirical_epsilon_lower_bound": max(bounds),
         "attacks": attacks,
         "canaries": canary,
         "notes": [
             "Score: higher means 'more likely a member'; each attack's bound is the maximum "
             "over thresholds of the Clopper-Pearson epsilon lower bound at the run's delta.",
-            "Training and test splits are not guaranteed exchangeable (e.g. different writers "
-            "in MNIST); a positive bound from them can reflect that shift. Canary members and "
-            "non-members are exchangeable by construction.",
+            ("Members and non-members come from one pool split by a coin independent of the "
+             "data (the run's random subset), so they are exchangeable."
+             if run.cfg.subset else
+             "Training and test splits are not guaranteed exchangeable (e.g. different writers "
+             "in MNIST); a positive bound from them can reflect that shift.")
+            + " Canary members and non-members are exchangeable by construction.",
             "The maximum over thresholds is chosen on the audited records (optimistic).",
         ],
         "seconds": round(time.time() - t0, 2),
@@ -365,6 +397,8 @@ def audit_command(run: Path, data_dir: str | None, members: int, nonmembers: int
     import typer
     result = audit(run, data_dir, n_members=members, n_nonmembers=nonmembers, seed=seed,
                    canaries=canaries, out=out, threads=threads)
+    if not result["private"]:
+        typer.echo(f"*** {result['label']} ***")
     typer.echo(f"audit of {run} ({result['members']['count']} members, "
                f"{result['nonmembers']['count']} non-members, delta={result['delta']:g})")
     rows = [("", result["attacks"])]
@@ -377,10 +411,11 @@ def audit_command(run: Path, data_dir: str | None, members: int, nonmembers: int
                        f"TPR@0.1%={t['0.001']:.3f} TPR@1%={t['0.01']:.3f} "
                        f"eps_lb={a['epsilon_lower_bound']:.3f}")
     eps_lb = result["empirical_epsilon_lower_bound"]
-    typer.echo(f"empirical epsilon lower bound: {eps_lb:.3f}  "
-               f"(accounted epsilon: {result['accounted_epsilon']:.3f})")
+    accounted = result["accounted_epsilon"]
+    typer.echo(f"empirical epsilon lower bound: {eps_lb:.3f}  (accounted epsilon: "
+               + ("none, NOT PRIVATE)" if accounted is None else f"{accounted:.3f})"))
     typer.echo(f"wrote {Path(out) if out else Path(run) / FILENAME}")
-    if math.isfinite(eps_lb) and eps_lb > result["accounted_epsilon"]:
+    if accounted is not None and math.isfinite(eps_lb) and eps_lb > accounted:
         typer.echo("WARNING: the empirical lower bound exceeds the accounted epsilon; "
                    "check the members/non-members caveat in audit.json, then the training "
                    "code", err=True)

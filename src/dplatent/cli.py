@@ -22,17 +22,35 @@ SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", help="override a config value, e.g. --set diffusion.epochs=10 (repeatable)")]
 DeviceOpt = Annotated[Optional[str], typer.Option(
     "--device", help="auto (a CUDA GPU when present), cpu, cuda or cuda:N")]
+ControlOpt = Annotated[bool, typer.Option(
+    "--non-private-control", help="NOT PRIVATE: train with noise multiplier 0, only to test "
+    "the privacy audit (same as --set privacy.non_private_control=true)")]
+
+NOT_PRIVATE_BANNER = "\n".join([
+    "!" * 78,
+    "!! NOT PRIVATE: non-private control run (noise multiplier 0 in both stages).",
+    "!! No differential-privacy guarantee and no epsilon. Never publish its models or",
+    "!! samples; it exists only to check that the privacy audit detects leakage.",
+    "!" * 78])
+GRID_BANNER = "NOT PRIVATE: non-private control run (no noise, no DP guarantee)"
 
 
 def _config(preset: str, epsilon: float | None, delta: float | None, seed: int | None,
-            threads: int | None, sets: list[str] | None):
+            threads: int | None, sets: list[str] | None, control: bool = False):
     from dplatent import config
+    from dplatent.errors import ConfigError
     overrides = config.parse_overrides(sets or [])
     for key, value in (("privacy.epsilon", epsilon), ("privacy.delta", delta),
                        ("seed", seed), ("threads", threads)):
         if value is not None:
             overrides[key] = value
-    return config.resolve(preset, overrides)
+    if control:
+        overrides["privacy.non_private_control"] = True
+    cfg = config.resolve(preset, overrides)
+    if cfg.privacy.non_private_control and "privacy.epsilon" in overrides:
+        raise ConfigError("a non-private control run has no epsilon; do not pass --epsilon "
+                          "(or privacy.epsilon) with --non-private-control")
+    return cfg
 
 
 def _public_n(dataset: str, n: int | None) -> int:
@@ -50,17 +68,28 @@ def _public_n(dataset: str, n: int | None) -> int:
 
 @app.command()
 def plan(dataset: DatasetOpt = "mnist",
-         epsilon: Annotated[float, typer.Option(help="total privacy budget")] = 10.0,
+         epsilon: Annotated[Optional[float], typer.Option(
+             help="total privacy budget [default: 10]")] = None,
          delta: Annotated[float, typer.Option(help="total delta, below 1/n")] = 1e-5,
          preset: PresetOpt = "quick", sets: SetOpt = None,
-         n: Annotated[Optional[int], typer.Option(help="number of training records")] = None):
+         n: Annotated[Optional[int], typer.Option(help="number of training records")] = None,
+         non_private_control: ControlOpt = False):
     """Show each stage's noise multiplier for a budget. Touches no data."""
     from dplatent.privacy.accounting import plan as make_plan
-    cfg = _config(preset, epsilon, delta, None, None, sets)
+    cfg = _config(preset, epsilon, delta, None, None, sets, non_private_control)
     p = make_plan(_public_n(dataset, n), cfg)
+    if not p.private:
+        typer.echo(NOT_PRIVATE_BANNER, err=True)
+        typer.echo(f"NOT PRIVATE: noise multiplier 0, no epsilon; delta={p.delta:g} n={p.n}")
+        for s in p.stages:
+            typer.echo(f"  {s.stage:12s} sigma=0 (NOT PRIVATE) q={s.sample_rate:.5f} "
+                       f"steps={s.steps} C={s.clip_norm:g} batch={s.batch_size}")
+        typer.echo("composed epsilon: none (NOT PRIVATE)")
+        return
     d = p.to_dict()
     typer.echo(f"accountant: {d['accountant_name']}")
-    typer.echo(f"budget: epsilon={p.target_epsilon:g} delta={p.delta:g} n={p.n}")
+    subset = f" (random subset of {p.source_records})" if p.source_records != p.n else ""
+    typer.echo(f"budget: epsilon={p.target_epsilon:g} delta={p.delta:g} n={p.n}{subset}")
     for s in p.stages:
         typer.echo(f"  {s.stage:12s} sigma={s.noise_multiplier:.4f} q={s.sample_rate:.5f} "
                    f"steps={s.steps} C={s.clip_norm:g} batch={s.batch_size} "
@@ -79,7 +108,8 @@ def train(out: Annotated[Path, typer.Option("--out", help="run directory to crea
           device: DeviceOpt = None,
           resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
           grid: Annotated[bool, typer.Option(help="write samples.png at the end")] = True,
-          progress: Annotated[bool, typer.Option(help="show progress bars")] = True):
+          progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+          non_private_control: ControlOpt = False):
     """Train both DP stages under one (epsilon, delta) budget."""
     from dplatent import config
     from dplatent.sample import TrainedRun, generate, save_grid
@@ -90,28 +120,40 @@ def train(out: Annotated[Path, typer.Option("--out", help="run directory to crea
             raise DplatentError(f"{out}: nothing to resume (no config.json)")
         raw = json.loads(cfg_path.read_text())
         meta = raw.pop("derived")
-        if any(v is not None for v in (epsilon, delta, seed)) or sets:
+        if any(v is not None for v in (epsilon, delta, seed)) or sets or non_private_control:
             raise DplatentError("--resume continues a run with its saved configuration; "
-                                "do not pass --epsilon, --delta, --seed or --set")
+                                "do not pass --epsilon, --delta, --seed, --set or "
+                                "--non-private-control")
         cfg = config.from_dict(raw)
         dataset = meta["dataset"]
     else:
-        cfg = _config(preset, epsilon, delta, seed, threads, sets)
+        cfg = _config(preset, epsilon, delta, seed, threads, sets, non_private_control)
+    control = cfg.privacy.non_private_control
+    if control:
+        typer.echo(NOT_PRIVATE_BANNER, err=True)
     if device is not None:  # not a privacy setting: a resumed run may change it too
         import dataclasses
         cfg = dataclasses.replace(cfg, device=device)
     result = run_train(dataset=dataset, data_dir=data_dir, cfg=cfg, run_dir=out, resume=resume,
                        progress=progress)
     led = result["ledger"]
-    typer.echo(f"trained: epsilon={led['epsilon']:.4f} (target {led['target_epsilon']:g}, "
-               f"delta={led['delta']:g}, {led['accountant_name']})")
+    if led["epsilon"] is None:
+        typer.echo(f"trained: NOT PRIVATE (non-private control, no epsilon; "
+                   f"delta={led['delta']:g})")
+    else:
+        typer.echo(f"trained: epsilon={led['epsilon']:.4f} (target {led['target_epsilon']:g}, "
+                   f"delta={led['delta']:g}, {led['accountant_name']})")
     for k, v in result["timings"].items():
         typer.echo(f"  {k}: {v:.1f}")
     if grid:
         run = TrainedRun(out)
         x, y = generate(run, 10 * run.num_classes, seed=cfg.seed, progress=False)
-        save_grid(out / "samples.png", x, y, run.meta["class_names"])
-        typer.echo(f"sample grid: {out / 'samples.png'}")
+        save_grid(out / "samples.png", x, y, run.meta["class_names"],
+                  banner=GRID_BANNER if control else None)
+        typer.echo(f"sample grid: {out / 'samples.png'}"
+                   + (" (labelled NOT PRIVATE)" if control else ""))
+    if control:
+        typer.echo(NOT_PRIVATE_BANNER, err=True)
 
 
 @app.command()
@@ -133,11 +175,15 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
     from dplatent.sample import TrainedRun, generate, save_npz, save_png_dir
     t = time.time()
     trained = TrainedRun(run, device=device)
+    control = trained.cfg.privacy.non_private_control
+    if control:
+        typer.echo(NOT_PRIVATE_BANNER, err=True)
     x, y = generate(trained, num, seed=seed, guidance=guidance, steps=steps, progress=progress)
     path = save_npz(out or run / "synthetic.npz", x, y)
     if png_dir:
         save_png_dir(png_dir, x, y, trained.meta["class_names"])
-    typer.echo(f"wrote {len(y)} samples to {path} in {time.time() - t:.1f}s")
+    typer.echo(f"wrote {len(y)} samples to {path} in {time.time() - t:.1f}s"
+               + (" (NOT PRIVATE: non-private control run)" if control else ""))
 
 
 INTERRUPTED = ("interrupted; `dplatent train --resume --out RUN` continues from the last "

@@ -91,6 +91,9 @@ class PrivacyConfig:
     delta: float = 1e-5
     accountant: str = "prv"                # 'prv' (tighter) or 'rdp'
     autoencoder_share: float = 0.25        # the autoencoder alone gets this share of epsilon
+    # True trains both stages with noise multiplier 0 (clipping kept): NOT PRIVATE, no epsilon.
+    # Only to show that the privacy audit detects leakage; never the default.
+    non_private_control: bool = False
 
     def __post_init__(self) -> None:
         # inf would never be exceeded, and calibrating sigma for it never ends.
@@ -123,6 +126,8 @@ class RunConfig:
     threads: int = 0                       # 0 = all cores
     device: str = "auto"                   # auto (a CUDA GPU when present), cpu, cuda, cuda:N
     checkpoint_every: int = 200            # logical steps between checkpoints
+    subset: int = 0                        # train on this many training records, drawn at
+                                           # random (seed) independently of the data; 0 = all
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -132,6 +137,7 @@ class RunConfig:
         _check(self.threads >= 0, "threads must be >= 0")
         check_device(self.device)
         _check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
+        _check(self.subset >= 0, f"subset must be >= 0 (0 = all records), got {self.subset}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -136,8 +136,9 @@ def _safe(name: str) -> str:
 
 
 def save_grid(path: str | Path, x: np.ndarray, y: np.ndarray, class_names: list[str],
-              per_class: int = 10) -> Path:
-    """One row per class, `per_class` samples each."""
+              per_class: int = 10, banner: str | None = None) -> Path:
+    """One row per class, `per_class` samples each; `banner`: a warning in red across the top
+    (NOT PRIVATE for a non-private control run)."""
     classes = sorted(np.unique(y).tolist())
     fig, axes = plt.subplots(len(classes), per_class,
                              figsize=(per_class * 0.8 + 1.2, len(classes) * 0.8), squeeze=False)
@@ -151,7 +152,12 @@ def save_grid(path: str | Path, x: np.ndarray, y: np.ndarray, class_names: list[
                 ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=255)
         axes[r][0].text(-4, x.shape[1] / 2, class_names[c], ha="right", va="center",
                         fontsize=8)
-    fig.subplots_adjust(left=0.15, wspace=0.05, hspace=0.05)
+    fig.subplots_adjust(left=0.15, wspace=0.05, hspace=0.05,
+                        top=1 - 0.6 / fig.get_figheight() if banner else None)
+    if banner:
+        fig.text(0.5, 1 - 0.05 / fig.get_figheight(), banner, ha="center", va="top",
+                 fontsize=11, fontweight="bold", color="white", wrap=True,
+                 bbox={"facecolor": "red", "edgecolor": "red", "pad": 4})
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
     return Path(path)

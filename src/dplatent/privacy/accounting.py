@@ -20,6 +20,11 @@ from dplatent.config import RunConfig
 from dplatent.errors import PrivacyError
 
 MECHANISM = "poisson_subsampled_gaussian"
+# A non-private control run (privacy.non_private_control): the same Poisson sampling and
+# clipping with noise multiplier 0. It has no finite epsilon, and `epsilon` says so (inf).
+NO_NOISE = "no_noise_control"
+NOT_PRIVATE = ("NOT PRIVATE: non-private control run (noise multiplier 0); "
+               "no differential-privacy guarantee")
 ACCOUNTANTS = {"prv": "Opacus PRV accountant (Gopi et al. 2021)",
                "rdp": "Opacus RDP accountant (Mironov 2017)"}
 SIGMA_MAX = 1e4
@@ -42,9 +47,12 @@ class DPEvent:
     mechanism: str = MECHANISM
 
     def __post_init__(self) -> None:
-        if self.mechanism != MECHANISM:
+        if self.mechanism not in (MECHANISM, NO_NOISE):
             raise PrivacyError(f"{self.stage}: unsupported mechanism {self.mechanism!r}")
-        if not self.noise_multiplier > 0:
+        if self.mechanism == NO_NOISE and self.noise_multiplier != 0:
+            raise PrivacyError(f"{self.stage}: noise multiplier of a no-noise control must be "
+                               f"0, got {self.noise_multiplier}")
+        if self.mechanism == MECHANISM and not self.noise_multiplier > 0:
             raise PrivacyError(f"{self.stage}: noise multiplier must be > 0, "
                                f"got {self.noise_multiplier}")
         if not 0 < self.sample_rate <= 1:
@@ -68,7 +76,12 @@ def _accountant(name: str):
 
 
 def epsilon(events: list[DPEvent], delta: float, accountant: str = "prv") -> float:
-    """Composed epsilon at `delta` of all events (0 for no steps)."""
+    """Composed epsilon at `delta` of all events (0 for no steps; inf once a no-noise control
+    event has taken a step: such a run has no finite epsilon)."""
+    if accountant not in ACCOUNTANTS:
+        raise PrivacyError(f"unknown accountant {accountant!r}; choose from {sorted(ACCOUNTANTS)}")
+    if any(e.mechanism == NO_NOISE and e.steps > 0 for e in events):
+        return math.inf
     history = tuple((e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps > 0)
     if not history:
         return 0.0
@@ -127,21 +140,28 @@ class StagePlan:
     noise_multiplier: float
     clip_norm: float
     epsilon_alone: float
+    mechanism: str = MECHANISM
 
     def event(self, steps: int | None = None) -> DPEvent:
         return DPEvent(stage=self.stage, noise_multiplier=self.noise_multiplier,
                        sample_rate=self.sample_rate,
-                       steps=self.steps if steps is None else steps, clip_norm=self.clip_norm)
+                       steps=self.steps if steps is None else steps, clip_norm=self.clip_norm,
+                       mechanism=self.mechanism)
 
 
 @dataclass(frozen=True, kw_only=True)
 class PrivacyPlan:
+    """`n`: the records trained on (the subset when `subset` is set); `private` is False for a
+    non-private control, whose target is None and whose epsilon is inf."""
+
     accountant: str
-    target_epsilon: float
+    target_epsilon: float | None
     delta: float
     n: int
     stages: tuple[StagePlan, ...]
     epsilon: float
+    private: bool = True
+    source_records: int | None = None
 
     def stage(self, name: str) -> StagePlan:
         for s in self.stages:
@@ -150,18 +170,41 @@ class PrivacyPlan:
         raise KeyError(name)
 
     def to_dict(self) -> dict:
+        """JSON-ready; an epsilon that is not finite (a control run) is written as None."""
         d = asdict(self)
         d["accountant_name"] = ACCOUNTANTS[self.accountant]
+        d["epsilon"] = _finite_or_none(self.epsilon)
+        for st in d["stages"]:
+            st["epsilon_alone"] = _finite_or_none(st["epsilon_alone"])
+        if not self.private:
+            d["label"] = NOT_PRIVATE
         return d
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def steps_for(epochs: float, n: int, batch_size: int) -> int:
     return max(1, math.ceil(epochs * n / batch_size))
 
 
+def training_records(n: int, cfg: RunConfig) -> int:
+    """The number of records a run trains on: `cfg.subset` of the `n` in the training split
+    when set (a public choice), else all n."""
+    if cfg.subset > n:
+        raise PrivacyError(f"subset={cfg.subset} exceeds the {n} records of the training split")
+    return cfg.subset or n
+
+
 def plan(n: int, cfg: RunConfig) -> PrivacyPlan:
-    """Noise multipliers for both stages from public quantities only."""
+    """Noise multipliers for both stages from public quantities only.
+
+    `n` is the size of the training split; the accounting uses the records actually trained
+    on (`training_records`). A non-private control (`privacy.non_private_control`) gets noise
+    multiplier 0 in both stages, no target and an infinite epsilon."""
     p = cfg.privacy
+    source, n = n, training_records(n, cfg)
     if p.delta >= 1.0 / n:
         raise PrivacyError(f"delta={p.delta:g} must be below 1/n = {1.0 / n:.3g} "
                            f"(n = {n} training records)")
@@ -173,6 +216,14 @@ def plan(n: int, cfg: RunConfig) -> PrivacyPlan:
                       steps_for(sc.epochs, n, sc.batch_size), sc.clip_norm))
 
     (n1, b1, q1, t1, c1), (n2, b2, q2, t2, c2) = specs
+    if p.non_private_control:
+        stages = tuple(StagePlan(stage=name, batch_size=b, sample_rate=q, steps=t,
+                                 noise_multiplier=0.0, clip_norm=c, mechanism=NO_NOISE,
+                                 epsilon_alone=math.inf) for name, b, q, t, c in specs)
+        return PrivacyPlan(accountant=p.accountant, target_epsilon=None, delta=p.delta, n=n,
+                           stages=stages, epsilon=epsilon([s.event() for s in stages], p.delta,
+                                                          p.accountant),
+                           private=False, source_records=source)
     eps1 = p.epsilon * p.autoencoder_share
     sigma1 = calibrate_sigma(target_epsilon=eps1, delta=p.delta, prior=[], stage=n1,
                              sample_rate=q1, steps=t1, clip_norm=c1, accountant=p.accountant)
@@ -189,4 +240,4 @@ def plan(n: int, cfg: RunConfig) -> PrivacyPlan:
     if total > p.epsilon:
         raise PrivacyError(f"calibration failed: composed epsilon {total} > {p.epsilon}")
     return PrivacyPlan(accountant=p.accountant, target_epsilon=p.epsilon, delta=p.delta, n=n,
-                       stages=stages, epsilon=total)
+                       stages=stages, epsilon=total, source_records=source)

@@ -147,7 +147,7 @@ def train_stage(model: nn.Module, n: int, loss_fn: LossFn, s: StageSettings, led
                dynamic_ncols=True)
     batches = poisson_batches(n=n, sample_rate=plan.sample_rate, steps=plan.steps - start,
                               physical_batch_size=s.physical_batch_size, generator=sample_gen)
-    running, spent = None, ledger.epsilon()
+    running, spent = None, ledger.reported_epsilon()  # None: a non-private control run
     for step, chunks in enumerate(batches, start=start + 1):
         loss = trainer.step_logical(chunks, bound_loss)
         if ema is not None:
@@ -159,7 +159,7 @@ def train_stage(model: nn.Module, n: int, loss_fn: LossFn, s: StageSettings, led
         if step % log_every == 0 or step == plan.steps:
             # epsilon: the ledger's total for the steps saved so far (all stages).
             bar.set_postfix(loss="n/a" if running is None else f"{running:.4f}",
-                            eps=f"{spent:.2f}")
+                            eps="NOT PRIVATE" if spent is None else f"{spent:.2f}")
             _log(run_dir, {"stage": s.name, "step": step, "loss": running, "epsilon": spent,
                            "time": time.time() - t0})
         bar.update(1)

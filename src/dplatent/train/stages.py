@@ -12,6 +12,7 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dplatent import data as data_mod
@@ -83,6 +84,14 @@ def train_diffusion(latents: torch.Tensor, labels: torch.Tensor, num_classes: in
     return train_stage(model, len(latents), loss_fn, settings, ledger, run_dir, progress)
 
 
+def subset_indices(n: int, size: int, seed: int) -> np.ndarray:
+    """The `size` training records (sorted indices into n) a run with `subset = size` trains
+    on: uniformly at random from the run's seed, independently of the data. The audit draws
+    the same indices to know which records are members."""
+    rng = np.random.default_rng([seed, 0x5B5E7])
+    return np.sort(rng.choice(n, size=size, replace=False))
+
+
 def save_config(run_dir: Path, cfg: RunConfig, plan: PrivacyPlan, meta: dict) -> None:
     write_json(run_dir / "config.json", {**cfg.to_dict(), "derived": {
         "privacy_plan": plan.to_dict(), **meta}})
@@ -100,20 +109,29 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
     device = device_mod.resolve(cfg.device)
     if resume:
         _check_resume_device(run_dir, device)
+    source_records = len(private)
+    plan = make_plan(source_records, cfg)  # accounts for the records trained on (plan.n)
+    if cfg.subset:
+        idx = subset_indices(source_records, cfg.subset, cfg.seed)
+        private = data_mod.LabelledImages(x=private.x[idx], y=private.y[idx],
+                                          num_classes=private.num_classes,
+                                          name=f"{private.name} (subset of {len(idx)})")
     n = len(private)
-    plan = make_plan(n, cfg)
+    if n != plan.n:
+        raise RuntimeError(f"training on {n} records but the plan accounts for {plan.n}")
     run_dir.mkdir(parents=True, exist_ok=True)
     runtime.tune_allocator()
     runtime.set_threads(cfg.threads)
     runtime.seed_everything(cfg.seed)
-    meta = {"dataset": dataset, "n": n, "num_classes": private.num_classes,
+    meta = {"dataset": dataset, "n": n, "source_records": source_records,
+            "private": plan.private, "num_classes": private.num_classes,
             "channels": private.channels, "image_size": private.image_size,
             "class_names": data_mod.class_names(dataset, private.num_classes),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.platform(), "device": str(device)}
     save_config(run_dir, cfg, plan, meta)
     ledger = Ledger(accountant=plan.accountant, target_epsilon=plan.target_epsilon,
-                    delta=plan.delta)
+                    delta=plan.delta)  # target None: a non-private control run
     images = torch.from_numpy(private.to_float()).to(device)
     labels = torch.from_numpy(private.y).to(device)
     timings = {}

@@ -157,3 +157,26 @@ def test_bad_classifier_options_fail_before_any_work(real, monkeypatch):
         ev.evaluate(synthetic(), real, metrics=["mlp"], seeds=0)
     with pytest.raises(ConfigError, match="'train' or 'test'"):
         ev.evaluate(synthetic(), real, metrics=["fid"], fid_reference="val")
+
+
+def test_a_missing_gpu_fails_before_any_work(real, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ev.classifier, "downstream_accuracy",
+                        lambda *a, **k: pytest.fail("trained before checking the device"))
+    with pytest.raises(ConfigError, match="device 'cuda': no CUDA GPU is available"):
+        ev.evaluate(synthetic(), real, metrics=["logreg"], device="cuda")
+
+
+def test_auto_evaluates_on_the_cpu_and_eval_json_names_the_device_and_file(real, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    x, y = make_set(150, 4)
+    path = tmp_path / "s.npz"
+    np.savez(path, x=x, y=y)
+    result = commands.evaluate_command(synthetic=path, dataset=real, metrics="logreg", seeds=1,
+                                       threads=1, out=tmp_path / "e.json", progress=False)
+    import hashlib
+    assert result["device"] == "cpu"
+    assert result["synthetic_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert json.loads((tmp_path / "e.json").read_text())["synthetic_sha256"] == (
+        result["synthetic_sha256"])

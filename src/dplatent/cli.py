@@ -210,6 +210,7 @@ def evaluate(
         seeds: Annotated[int, typer.Option(help="classifier seeds")] = 3,
         cnn_epochs: Annotated[Optional[int], typer.Option(help="CNN epochs")] = None,
         threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
+        device: DeviceOpt = None,
         out: Annotated[Optional[Path], typer.Option(
             "--out", help="eval.json to write (default RUN/eval.json)")] = None,
         progress: Annotated[bool, typer.Option(help="show progress bars")] = True):
@@ -219,7 +220,8 @@ def evaluate(
                      data_dir=Path(data_dir) if data_dir else None, metrics=metrics,
                      fid_samples=fid_samples, fid_reference=fid_reference,
                      fid_weights=fid_weights, fid_batch_size=fid_batch_size, seeds=seeds,
-                     cnn_epochs=cnn_epochs, threads=threads, out=out, progress=progress)
+                     cnn_epochs=cnn_epochs, threads=threads, out=out, progress=progress,
+                     device=device or "auto")
 
 
 @app.command()

@@ -5,6 +5,9 @@ part; the model is trained for a fixed number of epochs and the epoch with the b
 validation accuracy is kept; only that model is evaluated, once, on the real test set.
 The real test set never influences training or model selection.
 
+Everything runs on the given device (default: the CPU); batch order comes from a CPU
+generator, so the same seed visits the same batches on every device.
+
 Models: the CNN of this literature (conv 32/64/128, dense 128, dropout 0.5, Adam), an MLP
 (flatten -> 100 -> classes) and logistic regression (one linear layer, Adam).
 """
@@ -129,7 +132,7 @@ def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tenso
                     y: torch.Tensor, batch_size: int, gen: torch.Generator) -> None:
     model.train()
     loss_fn = nn.CrossEntropyLoss()
-    order = torch.randperm(len(y), generator=gen)
+    order = torch.randperm(len(y), generator=gen).to(x.device)
     for start in range(0, len(y), batch_size):
         idx = order[start:start + batch_size]
         opt.zero_grad(set_to_none=True)
@@ -164,18 +167,23 @@ def check_compatible(train: LabelledImages, test: LabelledImages) -> None:
 
 
 def downstream_accuracy(kind: str, train: LabelledImages, test: LabelledImages,
-                        config: ClassifierConfig) -> ClassifierResult:
-    """Train `kind` on `train` (selection on a held-out part of it), test once on `test`."""
+                        config: ClassifierConfig,
+                        device: torch.device | None = None) -> ClassifierResult:
+    """Train `kind` on `train` (selection on a held-out part of it), test once on `test`.
+    Input channels and size come from the data; models and tensors live on `device`."""
     check_compatible(train, test)
+    device = torch.device("cpu") if device is None else device
     start = time.perf_counter()
-    x, y = to_tensors(train)
-    x_test, y_test = to_tensors(test)
+    x, y = (t.to(device) for t in to_tensors(train))
+    x_test, y_test = (t.to(device) for t in to_tensors(test))
     test_accs, val_accs, epochs = [], [], []
     with torch_threads(config.threads):
         for seed in range(config.seeds):
             torch.manual_seed(seed)
             tr, va = split_indices(len(y), config.val_fraction, np.random.default_rng(seed))
             model = make_model(kind, train.channels, train.image_size, train.num_classes)
+            model = model.to(device)
+            tr, va = torch.from_numpy(tr).to(device), torch.from_numpy(va).to(device)
             model, val_acc, epoch = train_select(model, (x[tr], y[tr]), (x[va], y[va]),
                                                  config, seed)
             test_accs.append(accuracy(model, x_test, y_test))
@@ -188,6 +196,6 @@ def downstream_accuracy(kind: str, train: LabelledImages, test: LabelledImages,
 
 
 def real_ceiling(kind: str, real_train: LabelledImages, real_test: LabelledImages,
-                 config: ClassifierConfig) -> ClassifierResult:
+                 config: ClassifierConfig, device: torch.device | None = None) -> ClassifierResult:
     """The same protocol on the real training set: the accuracy a perfect generator reaches."""
-    return downstream_accuracy(kind, real_train, real_test, config)
+    return downstream_accuracy(kind, real_train, real_test, config, device)

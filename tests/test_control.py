@@ -277,6 +277,18 @@ def test_sample_audit_and_resume_of_a_control_run(control_run, tmp_path, monkeyp
     assert code == 2 and "--non-private-control" in err
 
 
+def test_report_of_an_audited_control_run(control_run):
+    from dplatent.audit import audit
+    from dplatent.report import write_report
+    out = control_run[0]
+    audit(out, None, n_members=30, n_nonmembers=30, num_synthetic=20, threads=1)
+    md = write_report(out)[0].read_text()
+    assert md.splitlines()[0].endswith("— NOT PRIVATE")
+    audit_section = md.split("## Privacy audit\n", 1)[1]
+    assert "| denoiser loss |" in audit_section
+    assert "accounted ε: none (NOT PRIVATE)." in audit_section
+
+
 # --- the training subset ---------------------------------------------------------------------
 
 

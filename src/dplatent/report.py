@@ -1,7 +1,9 @@
 """Run directory -> report.md and report.html (figures as PNG files beside them).
 
 Reads, each optional: config.json, privacy.json, train_log.jsonl, samples.png, synthetic.npz,
-eval.json. The report is built as a list of blocks rendered twice, to Markdown and to HTML,
+eval.json, audit.json. A non-private control run (any of config.json, privacy.json or
+audit.json says so) is labelled NOT PRIVATE in the title, first line and privacy sections. The
+report is built as a list of blocks rendered twice, to Markdown and to HTML,
 so both always say the same thing. Every file is written to a temporary name and renamed.
 """
 
@@ -39,6 +41,7 @@ class RunFiles:
     eval: dict | None
     has_samples_png: bool
     synthetic: data.LabelledImages | None
+    audit: dict | None = None
 
 
 def read_json(path: Path) -> dict | None:
@@ -80,7 +83,8 @@ def load_run(run_dir: str | Path) -> RunFiles:
                     privacy=read_json(run_dir / "privacy.json"),
                     log=read_jsonl(run_dir / "train_log.jsonl"),
                     eval=read_json(run_dir / "eval.json"),
-                    has_samples_png=(run_dir / "samples.png").is_file(), synthetic=synthetic)
+                    has_samples_png=(run_dir / "samples.png").is_file(), synthetic=synthetic,
+                    audit=read_json(run_dir / "audit.json"))
 
 
 def config_dataset(config: dict | None) -> str | None:
@@ -216,14 +220,14 @@ def privacy_blocks(privacy: dict) -> list[Block]:
     name = f" – {privacy['accountant_name']}" if privacy.get("accountant_name") else ""
     head = (f"Accountant: {privacy.get('accountant', '?')}{name}; target ε = "
             f"{fmt(privacy.get('target_epsilon'))}, δ = {fmt(privacy.get('delta'))}; "
-            f"total ε spent = {fmt(privacy.get('epsilon'))}.")
+            f"total ε spent = {_eps(privacy.get('epsilon'))}.")
     rows = [("stage", "mechanism", "σ (noise multiplier)", "q (sample rate)", "steps",
              "clip norm", "ε alone")]
     for e in privacy.get("entries") or []:
         rows.append((str(e.get("stage", "?")), str(e.get("mechanism", "?")),
                      fmt(e.get("noise_multiplier")), fmt(e.get("sample_rate")),
-                     fmt(e.get("steps")), fmt(e.get("clip_norm")), fmt(e.get("epsilon_alone"))))
-    rows.append(("**total (composed)**", "", "", "", "", "", fmt(privacy.get("epsilon"))))
+                     fmt(e.get("steps")), fmt(e.get("clip_norm")), _eps(e.get("epsilon_alone"))))
+    rows.append(("**total (composed)**", "", "", "", "", "", _eps(privacy.get("epsilon"))))
     return [Block("p", head), Block("table", rows=tuple(rows))]
 
 
@@ -237,8 +241,67 @@ def training_summary(log: list[dict]) -> list[tuple[str, ...]]:
     return rows
 
 
+NOT_PRIVATE = ("NOT PRIVATE: non-private control run (noise multiplier 0); no "
+               "differential-privacy guarantee and no ε. Never publish its models or samples.")
+
+
+def not_private(run: RunFiles) -> bool:
+    """True when any file of the run marks it as a non-private control (or the ledger claims
+    no finite ε)."""
+    cfg_privacy = (run.config or {}).get("privacy")
+    if isinstance(cfg_privacy, dict) and cfg_privacy.get("non_private_control") is True:
+        return True
+    for record in (run.privacy, run.audit):
+        if record is not None and record.get("private") is False:
+            return True
+    return run.privacy is not None and run.privacy.get("epsilon") is None
+
+
+def _eps(value) -> str:
+    return fmt(value) if _finite(value) else "none (NOT PRIVATE)"
+
+
+def audit_blocks(audit: dict, control: bool) -> list[Block]:
+    """The membership-inference audit: one row per attack, its empirical ε lower bound beside
+    the accounted ε."""
+    members, nonmembers = audit.get("members") or {}, audit.get("nonmembers") or {}
+    accounted = None if control else audit.get("accounted_epsilon")
+    blocks = [Block("p", (
+        f"Membership inference on {fmt(members.get('count'))} members "
+        f"({members.get('source', '?')}) and {fmt(nonmembers.get('count'))} non-members "
+        f"({nonmembers.get('source', '?')}); δ = {fmt(audit.get('delta'))}, "
+        f"{fmt(100 * audit['confidence'] if _finite(audit.get('confidence')) else None)}% "
+        f"Clopper–Pearson confidence; synthetic samples: {audit.get('synthetic', '?')}. "
+        f"Largest empirical ε lower bound: {fmt(audit.get('empirical_epsilon_lower_bound'))}; "
+        f"accounted ε: {_eps(accounted)}."))]
+    rows = [("attack", "AUC", "TPR @ 0.1% FPR", "TPR @ 1% FPR", "empirical ε lower bound",
+             "accounted ε")]
+    groups = [("", audit.get("attacks") or {})]
+    if isinstance(audit.get("canaries"), dict):
+        groups.append(("canary: ", audit["canaries"].get("attacks") or {}))
+    for prefix, attacks in groups:
+        for name, a in attacks.items():
+            a = a if isinstance(a, dict) else {}
+            tpr = a.get("tpr_at_fpr") if isinstance(a.get("tpr_at_fpr"), dict) else {}
+            rows.append((prefix + str(name).replace("_", " "), fmt(a.get("auc"), 3),
+                         fmt(tpr.get("0.001"), 3), fmt(tpr.get("0.01"), 3),
+                         fmt(a.get("epsilon_lower_bound"), 3), _eps(accounted)))
+    blocks.append(Block("table", rows=tuple(rows)))
+    bound = audit.get("empirical_epsilon_lower_bound")
+    if _finite(accounted) and _finite(bound) and bound > accounted:
+        blocks.append(Block("p", "Warning: the empirical lower bound exceeds the accounted ε; "
+                                 "check the members/non-members caveat, then the training code."))
+    for note in audit.get("notes") or []:
+        blocks.append(Block("p", f"Note: {note}"))
+    return blocks
+
+
 def build_blocks(run: RunFiles) -> list[Block]:
-    blocks = [Block("h1", f"dplatent run report: {run.run_dir.name}")]
+    control = not_private(run)
+    title = f"dplatent run report: {run.run_dir.name}" + (" — NOT PRIVATE" if control else "")
+    blocks = [Block("h1", title)]
+    if control:
+        blocks.append(Block("p", f"**{NOT_PRIVATE}**"))
     blocks.append(Block("h2", "Samples"))
     if run.has_samples_png:
         blocks.append(Block("img", "samples.png"))
@@ -261,7 +324,15 @@ def build_blocks(run: RunFiles) -> list[Block]:
         blocks.append(Block("p", "No eval.json; run `dplatent evaluate --run RUN`."))
 
     blocks.append(Block("h2", "Privacy ledger"))
+    if control:
+        blocks.append(Block("p", f"**{NOT_PRIVATE}**"))
     blocks += privacy_blocks(run.privacy) if run.privacy else [Block("p", "No privacy.json.")]
+
+    blocks.append(Block("h2", "Privacy audit"))
+    if run.audit:
+        blocks += audit_blocks(run.audit, control)
+    else:
+        blocks.append(Block("p", "No audit.json; run `dplatent audit --run RUN`."))
 
     blocks.append(Block("h2", "Training"))
     if run.log:
@@ -318,7 +389,7 @@ def render_html(blocks: list[Block]) -> str:
         if b.kind in ("h1", "h2"):
             body.append(f"<{b.kind}>{html.escape(b.text)}</{b.kind}>")
         elif b.kind == "p":
-            body.append(f"<p>{html.escape(b.text)}</p>")
+            body.append(f"<p>{_html_cell(b.text)}</p>")
         elif b.kind == "img":
             src = html.escape(b.text, quote=True)
             body.append(f'<p><img src="{src}" alt="{src}"></p>')

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dplatent.errors import DplatentError
+from dplatent.errors import DataError, DplatentError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Differentially private synthetic image data via latent diffusion.")
@@ -62,6 +62,9 @@ def _public_n(dataset: str, n: int | None) -> int:
         return n
     if dataset in data.BUILTIN:
         return 60000
+    if Path(dataset).suffix != ".npz" and not Path(dataset).is_dir():
+        raise DataError(f"unknown data set {dataset!r}; choose from {data.BUILTIN} or give "
+                        "the path of a user data set (plan then needs --n)")
     raise DplatentError("plan needs the number of training records for a user data set: "
                         "pass --n")
 
@@ -165,6 +168,9 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
                "--png-dir", help="also write PNGs, one folder per class")] = None,
            seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
            device: DeviceOpt = None,
+           export_dir: Annotated[Optional[Path], typer.Option(
+               "--export-dir", help="also write a Hugging Face datasets ImageFolder "
+               "(train/CLASS/*.png) with a data card README.md")] = None,
            guidance: Annotated[Optional[float], typer.Option(
                help="classifier-free guidance scale (default from the run)")] = None,
            steps: Annotated[Optional[int], typer.Option(help="sampler steps")] = None,
@@ -174,16 +180,43 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
 
     from dplatent.sample import TrainedRun, generate, save_npz, save_png_dir
     t = time.time()
+    if export_dir:
+        from dplatent.export import check_target
+        check_target(export_dir)  # before sampling, which can take long
     trained = TrainedRun(run, device=device)
     control = trained.cfg.privacy.non_private_control
     if control:
         typer.echo(NOT_PRIVATE_BANNER, err=True)
     x, y = generate(trained, num, seed=seed, guidance=guidance, steps=steps, progress=progress)
-    path = save_npz(out or run / "synthetic.npz", x, y)
+    s = trained.cfg.sampling
+    info = {"seed": seed, "guidance": s.guidance if guidance is None else guidance,
+            "steps": s.steps if steps is None else steps, "sampler": s.sampler}
+    path = save_npz(out or run / "synthetic.npz", x, y, info=info)
     if png_dir:
         save_png_dir(png_dir, x, y, trained.meta["class_names"])
+    if export_dir:
+        _echo_export(export_dir, run, path)
     typer.echo(f"wrote {len(y)} samples to {path} in {time.time() - t:.1f}s"
                + (" (NOT PRIVATE: non-private control run)" if control else ""))
+
+
+def _echo_export(out: Path, run: Path, npz: Path, eval_json: Path | None = None) -> None:
+    from dplatent.export import export_run
+    facts = export_run(out, run, npz, eval_path=eval_json)
+    typer.echo(f"exported {facts['num_images']} images to {out} (ImageFolder layout + data card)"
+               + ("" if facts["private"] else "; labelled NOT PRIVATE")
+               + ("; metrics from eval.json" if facts["metrics"] else ""))
+
+
+@app.command("export")
+def export(run: Annotated[Path, typer.Option("--run", help="trained run directory")],
+           out: Annotated[Path, typer.Option("--out", help="export folder to create")],
+           synthetic: Annotated[Optional[Path], typer.Option(
+               "--synthetic", help="npz to export (default RUN/synthetic.npz)")] = None,
+           eval_json: Annotated[Optional[Path], typer.Option(
+               "--eval", help="eval.json of that npz (default RUN/eval.json)")] = None):
+    """Write a synthetic npz as a Hugging Face datasets ImageFolder with a data card."""
+    _echo_export(out, run, synthetic or run / "synthetic.npz", eval_json)
 
 
 INTERRUPTED = ("interrupted; `dplatent train --resume --out RUN` continues from the last "

@@ -184,6 +184,13 @@ def read_npz(path: str | Path, num_classes: int | None = None) -> LabelledImages
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
+        with path.open("rb") as f:
+            magic = f.read(2)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from exc
+    if magic != b"PK":  # an npz is a zip archive; numpy would call anything else a pickle
+        raise DataError(f"{path}: not a readable npz file (not a zip archive)")
+    try:
         with np.load(path, allow_pickle=False) as f:
             missing = {"x", "y"} - set(f.files)
             if missing:

@@ -6,6 +6,7 @@ Writes `x` (N, H, W) or (N, H, W, C) uint8 and `y` (N,) int64, classes balanced 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from dplatent import device as device_mod  # noqa: E402
 from dplatent.config import RunConfig, from_dict  # noqa: E402
@@ -94,11 +96,15 @@ def generate(run: TrainedRun, num: int, *, seed: int = 0, guidance: float | None
     """(x uint8, y int64) of `num` decoded samples."""
     if num < 1:
         raise ConfigError(f"number of samples must be >= 1, got {num}")
+    if steps is not None and steps < 1:
+        raise ConfigError(f"sampling steps must be >= 1, got {steps}")
+    if guidance is not None and not (guidance >= 0 and math.isfinite(guidance)):
+        raise ConfigError(f"guidance must be >= 0 and finite, got {guidance}")
     s, d = run.cfg.sampling, run.cfg.diffusion
     y = balanced_labels(num, run.num_classes) if labels is None else labels
     shape = run.autoencoder.latent_shape
     z = sample_latents(run.denoiser, y, dim=int(np.prod(shape)), seed=seed,
-                       steps=steps or s.steps,
+                       steps=s.steps if steps is None else steps,
                        guidance=s.guidance if guidance is None else guidance,
                        null_label=run.num_classes, train_timesteps=d.train_timesteps,
                        beta_schedule=d.beta_schedule, sampler=sampler or s.sampler,
@@ -112,23 +118,25 @@ def generate(run: TrainedRun, num: int, *, seed: int = 0, guidance: float | None
     return x, y.astype(np.int64)
 
 
-def save_npz(path: str | Path, x: np.ndarray, y: np.ndarray) -> Path:
+def save_npz(path: str | Path, x: np.ndarray, y: np.ndarray, info: dict | None = None) -> Path:
+    """x and y; `info` (the sampling settings) as a JSON string in array `info`."""
+    extra = {} if info is None else {"info": np.array(json.dumps(info))}
+
     def write(p: Path) -> None:
         with open(p, "wb") as f:
-            np.savez_compressed(f, x=x, y=y)
+            np.savez_compressed(f, x=x, y=y, **extra)
     return atomic_write(path, write)
 
 
 def save_png_dir(folder: str | Path, x: np.ndarray, y: np.ndarray,
                  class_names: list[str]) -> None:
+    """One folder per class; 8-bit grey (L) or RGB PNGs with the exact pixel values."""
     folder = Path(folder)
     for c in np.unique(y):
         sub = folder / f"{int(c):02d}_{_safe(class_names[int(c)])}"
         sub.mkdir(parents=True, exist_ok=True)
         for i in np.flatnonzero(y == c):
-            img = x[i]
-            plt.imsave(sub / f"{i:06d}.png", img, cmap="gray" if img.ndim == 2 else None,
-                       vmin=0, vmax=255)
+            Image.fromarray(x[i]).save(sub / f"{i:06d}.png")
 
 
 def _safe(name: str) -> str:

@@ -67,6 +67,7 @@ def small_npz(tmp_path_factory):
     x, y = synthetic_images(300, num_classes=3, seed=4)
     path = tmp_path_factory.mktemp("data") / "small.npz"
     np.savez(path, x=x, y=y)
+    np.savez(path.with_name("small-test.npz"), x=x[:60], y=y[:60])
     return path
 
 
@@ -112,6 +113,15 @@ def test_auto_trains_and_samples_on_the_cpu_and_records_it(tmp_path, small_npz, 
         assert np.array_equal(a["x"], b["x"])  # auto is the cpu here: the very same samples
     code, _, err = cli("sample", "--run", run, "--num", 6, "--no-progress", "--device", "cuda")
     assert code == 2 and "no CUDA GPU is available" in err
+    code, _, err = cli("audit", "--run", run, "--members", 20, "--nonmembers", 20,
+                       "--threads", 1, "--device", "cuda")
+    assert code == 2 and "no CUDA GPU is available" in err and not (run / "audit.json").exists()
+    code, out, err = cli("audit", "--run", run, "--members", 20, "--nonmembers", 20,
+                         "--threads", 1, "--device", "cpu")
+    assert code == 0, err
+    audit = json.loads((run / "audit.json").read_text())
+    assert audit["members"]["count"] == 20 and set(audit["attacks"]) == {
+        "denoiser_loss", "reconstruction_loss", "nearest_synthetic"}
     # checkpoints hold per-device generator states: resuming on another kind is refused
     saved["derived"]["device"] = "cuda:0"
     (run / "config.json").write_text(json.dumps(saved))

@@ -134,7 +134,7 @@ def reconstruction_scores(autoencoder, images: torch.Tensor, batch: int = 500) -
     from dplatent.models.autoencoder import reconstruction_loss
     out = [reconstruction_loss(autoencoder, images[i:i + batch])
            for i in range(0, len(images), batch)]
-    return -torch.cat(out).numpy().astype(float)
+    return -torch.cat(out).cpu().numpy().astype(float)
 
 
 @torch.no_grad()
@@ -153,25 +153,26 @@ def denoiser_scores(run, images: torch.Tensor, labels: np.ndarray, *, seed: int,
                     for f in fractions})
     latents = encode(run.autoencoder, images)
     dim = latents.shape[1]
+    dev = latents.device  # fixed noise drawn on the CPU: the same draws on every device
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(steps), draws, dim, generator=gen)
-    y_all = torch.as_tensor(labels, dtype=torch.long)
-    errors = torch.zeros(len(latents))
+    noise = torch.randn(len(steps), draws, dim, generator=gen).to(dev)
+    y_all = torch.as_tensor(labels, dtype=torch.long, device=dev)
+    errors = torch.zeros(len(latents), device=dev)
     for i in range(0, len(latents), batch):
         z0, y = latents[i:i + batch], y_all[i:i + batch]
         b = len(z0)
         yk = y[:, None].expand(b, draws)
-        total = torch.zeros(b)
+        total = torch.zeros(b, device=dev)
         for j, t in enumerate(steps):
             ab = acp[t]
             eps = noise[j].expand(b, draws, dim)
             zt = ab.sqrt() * z0[:, None] + (1 - ab).sqrt() * eps
-            pred = run.denoiser(zt, torch.full((b, draws), t, dtype=torch.long), yk)
+            pred = run.denoiser(zt, torch.full((b, draws), t, dtype=torch.long, device=dev), yk)
             target = (eps if prediction == "epsilon"
                       else ab.sqrt() * eps - (1 - ab).sqrt() * z0[:, None])
             total += (pred - target).pow(2).mean(dim=(1, 2))
         errors[i:i + batch] = total / len(steps)
-    return -errors.numpy().astype(float)
+    return -errors.cpu().numpy().astype(float)
 
 
 @torch.no_grad()
@@ -181,7 +182,7 @@ def nearest_synthetic_scores(images: torch.Tensor, synthetic: torch.Tensor,
     out = []
     for i in range(0, len(images), batch):
         out.append(torch.cdist(images[i:i + batch].flatten(1), s).min(dim=1).values)
-    return -torch.cat(out).numpy().astype(float)
+    return -torch.cat(out).cpu().numpy().astype(float)
 
 
 # --- the audit -------------------------------------------------------------------------------
@@ -202,6 +203,7 @@ def _pick(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
 
 def _scores(run, images: torch.Tensor, labels: np.ndarray, synthetic: torch.Tensor,
             seed: int) -> dict[str, np.ndarray]:
+    images, synthetic = images.to(run.device), synthetic.to(run.device)
     return {"denoiser_loss": denoiser_scores(run, images, labels, seed=seed),
             "reconstruction_loss": reconstruction_scores(run.autoencoder, images),
             "nearest_synthetic": nearest_synthetic_scores(images, synthetic)}
@@ -210,10 +212,12 @@ def _scores(run, images: torch.Tensor, labels: np.ndarray, synthetic: torch.Tens
 def audit(run_dir: str | Path, data_dir: str | Path | None = None, *, n_members: int = 1000,
           n_nonmembers: int = 1000, seed: int = 0, num_synthetic: int = 2000,
           confidence: float = 0.95, canaries: str | Path | None = None,
-          out: str | Path | None = None, threads: int | None = None) -> dict:
+          out: str | Path | None = None, threads: int | None = None,
+          device: str | None = None) -> dict:
     """Run the membership-inference attacks on a trained run; write and return audit.json.
 
     `threads`: CPU threads for this call (default: the run's `threads` setting, 0 = all).
+    `device`: where the models score the records (default: the run's device setting).
     """
     from dplatent.sample import TrainedRun
     if n_members < 1 or n_nonmembers < 1:
@@ -225,7 +229,7 @@ def audit(run_dir: str | Path, data_dir: str | Path | None = None, *, n_members:
         raise ConfigError(f"confidence must be in (0, 1), got {confidence}")
     t0 = time.time()
     run_dir = Path(run_dir)
-    run = TrainedRun(run_dir)
+    run = TrainedRun(run_dir, device=device)
     ledger_path = run_dir / "privacy.json"
     try:
         ledger = json.loads(ledger_path.read_text())
@@ -392,11 +396,11 @@ def _canary_audit(run, path: Path, synthetic: torch.Tensor, seed: int, delta: fl
 
 def audit_command(run: Path, data_dir: str | None, members: int, nonmembers: int, seed: int,
                   out: Path | None, canaries: Path | None = None,
-                  threads: int | None = None) -> dict:
+                  threads: int | None = None, device: str | None = None) -> dict:
     """Body of `dplatent audit`: run the attacks, write audit.json, print a summary."""
     import typer
     result = audit(run, data_dir, n_members=members, n_nonmembers=nonmembers, seed=seed,
-                   canaries=canaries, out=out, threads=threads)
+                   canaries=canaries, out=out, threads=threads, device=device)
     if not result["private"]:
         typer.echo(f"*** {result['label']} ***")
     typer.echo(f"audit of {run} ({result['members']['count']} members, "

@@ -284,10 +284,11 @@ def audit(run: Annotated[Path, typer.Option("--run", help="trained run directory
               "--out", help="JSON to write (default RUN/audit.json)")] = None,
           canaries: Annotated[Optional[Path], typer.Option(
               help="NAME-canaries.npz from make_canary_dataset (canary audit)")] = None,
-          threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None):
+          threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
+          device: DeviceOpt = None):
     """Membership-inference audit: AUC, TPR at low FPR, empirical epsilon lower bound."""
     from dplatent.audit import audit_command
-    audit_command(run, data_dir, members, nonmembers, seed, out, canaries, threads)
+    audit_command(run, data_dir, members, nonmembers, seed, out, canaries, threads, device)
 
 
 def main() -> None:

@@ -247,7 +247,7 @@ def audit(run_dir: str | Path, data_dir: str | Path | None = None, *, n_members:
         raise DataError(f"{dataset}: the training split has {len(train)} records but the run "
                         f"was trained on {source_records}; not the same data")
     rng = np.random.default_rng(seed)
-    if run.cfg.subset:
+    if 0 < run.cfg.subset < len(train):
         # Members: the run's random subset; non-members: the training records left out. Who
         # is in was decided by a coin independent of the data, so the two are exchangeable.
         from dplatent.train.stages import subset_indices
@@ -255,8 +255,6 @@ def audit(run_dir: str | Path, data_dir: str | Path | None = None, *, n_members:
         outside = np.setdiff1d(np.arange(len(train)), inside)
         mi = inside[_pick(len(inside), n_members, rng)]
         oi = outside[_pick(len(outside), n_nonmembers, rng)]
-        if not len(oi):
-            raise DataError(f"{dataset}: the run trained on every record; no non-members left")
         non_x, non_y = train.x[oi], train.y[oi]
         sources = (f"random training subset of {len(inside)} (subset={run.cfg.subset}, "
                    f"seed={run.cfg.seed})",
@@ -305,7 +303,7 @@ def audit(run_dir: str | Path, data_dir: str | Path | None = None, *, n_members:
             "over thresholds of the Clopper-Pearson epsilon lower bound at the run's delta.",
             ("Members and non-members come from one pool split by a coin independent of the "
              "data (the run's random subset), so they are exchangeable."
-             if run.cfg.subset else
+             if 0 < run.cfg.subset < len(train) else
              "Training and test splits are not guaranteed exchangeable (e.g. different writers "
              "in MNIST); a positive bound from them can reflect that shift.")
             + " Canary members and non-members are exchangeable by construction.",

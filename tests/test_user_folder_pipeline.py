@@ -150,3 +150,13 @@ def test_a_non_private_control_run_exports_labelled_not_private(folder, tmp_path
     assert "\n# NOT PRIVATE: Synthetic shapes (no differential-privacy guarantee)\n" in card
     assert "> **NOT PRIVATE: non-private control run (noise multiplier 0)" in card
     assert "NOT PRIVATE: NOT PRIVATE" not in card
+
+
+def test_a_size_the_autoencoder_cannot_halve_is_refused_before_anything_is_written(tmp_path):
+    folder = make_folder(tmp_path / "odd", per_class=4, size=30)
+    code, out, err = cli("train", "--out", tmp_path / "run", "--dataset", folder, *TRAIN)
+    assert code == 2 and out == ""
+    assert err.strip() == ("error: 30x30 images do not fit the autoencoder: its 2 downsampling "
+                           "stages (autoencoder.channels = [8, 16]) need a side divisible by 4, "
+                           "e.g. 28, 32, 64")
+    assert not (tmp_path / "run").exists()

@@ -1,4 +1,4 @@
-"""--device: auto resolves to a GPU only when torch sees one; cuda without one is one clear error."""
+"""--device: auto is a GPU only when torch sees one; cuda without one is one clear error."""
 
 from __future__ import annotations
 
@@ -116,8 +116,8 @@ def test_auto_trains_and_samples_on_the_cpu_and_records_it(tmp_path, small_npz, 
     code, _, err = cli("audit", "--run", run, "--members", 20, "--nonmembers", 20,
                        "--threads", 1, "--device", "cuda")
     assert code == 2 and "no CUDA GPU is available" in err and not (run / "audit.json").exists()
-    code, out, err = cli("audit", "--run", run, "--members", 20, "--nonmembers", 20,
-                         "--threads", 1, "--device", "cpu")
+    code, _, err = cli("audit", "--run", run, "--members", 20, "--nonmembers", 20,
+                       "--threads", 1, "--device", "cpu")
     assert code == 0, err
     audit = json.loads((run / "audit.json").read_text())
     assert audit["members"]["count"] == 20 and set(audit["attacks"]) == {

@@ -108,7 +108,8 @@ def test_card_states_method_budget_accountant_dates_and_no_private_path(tmp_path
     export.export_run(tmp_path / "out", run, save_npz(tmp_path / "s.npz", x, y))
     card = (tmp_path / "out" / "README.md").read_text()
     header, body = card.split("---\n")[1], card.split("---\n", 2)[2]
-    assert 'pretty_name: "Synthetic clinic-scans (differentially private, epsilon = 3.99)"' in header
+    assert ('pretty_name: "Synthetic clinic-scans (differentially private, epsilon = 3.99)"'
+            in header)
     assert "- differential-privacy" in header and "NOT PRIVATE" not in card
     assert "DP-SGD" in body and "- epsilon: 3.9871 (target 4)" in body
     assert "- delta: 1e-05" in body and "Opacus RDP accountant" in body

@@ -172,8 +172,8 @@ def _sixteen_bit(root: Path) -> Path:
 HOSTILE = {
     "unreadable": (_unreadable, r"png: unreadable image \(cannot identify image file\)$"),
     "truncated": (_truncated, r"png: unreadable image \("),
-    "mixed-sizes": (_mixed_sizes, r"28x28 RGB, but .*000\.png is 32x32 RGB; all images must "
-                                  r"have one size and one mode"),
+    "mixed-sizes": (_mixed_sizes, (r"28x28 RGB, but .*000\.png is 32x32 RGB; all images must "
+                                   r"have one size and one mode")),
     "mixed-modes": (_mixed_modes, r"32x32 grey, but .*000\.png is 32x32 RGB"),
     "empty-class": (_empty_class, r"empty class folder \(no images\)"),
     "one-class": (_one_class, r"need at least 2 classes, found 1 class folder \('circle'\)"),

@@ -36,7 +36,8 @@ def test_autoencoder_shapes(channels, size, stages, latent):
 
 def test_image_size_must_be_divisible_by_the_downsampling():
     from dplatent.errors import ConfigError
-    with pytest.raises(ConfigError, match=r"28x28 images do not fit .* divisible by 8, e\.g\. 32, 64"):
+    with pytest.raises(ConfigError,
+                       match=r"28x28 images do not fit .* divisible by 8, e\.g\. 32, 64"):
         autoencoder(size=28, stages=(8, 16, 16))
     for size in (28, 32, 64):  # the sizes the presets' two stages support
         assert autoencoder(size=size, stages=(8, 16)).latent_shape[1:] == (size // 4, size // 4)

@@ -124,8 +124,9 @@ def export_run(out_dir: str | Path, run_dir: str | Path, npz_path: str | Path, *
     """Write the export of the synthetic npz `npz_path` drawn from the run in `run_dir`.
 
     `eval_path` defaults to RUN/eval.json; `sampling` (seed, guidance, steps, ...) is quoted
-    in the card (default: the settings `dplatent sample` stored in the npz). Refuses an existing non-empty `out_dir`; writes into a temporary
-    folder beside it and renames it into place at the end. Returns the facts of dplatent.json.
+    in the card (default: the settings `dplatent sample` stored in the npz). Refuses an
+    existing non-empty `out_dir`; writes into a temporary folder beside it and renames it into
+    place at the end. Returns the facts of dplatent.json.
     """
     out_dir, run_dir, npz_path = check_target(out_dir), Path(run_dir), Path(npz_path)
     config = _read_json(run_dir / "config.json")

@@ -16,7 +16,7 @@ from test_pipeline import cli
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing",
                                         "ignore::DeprecationWarning:diffusers")
 
-PER_CLASS, SIZE = 36, 32
+PER_CLASS, SIZE, KEPT_TRIANGLES = 36, 32, 12
 TRAIN = ["--preset", "smoke", "--epsilon", "4", "--delta", "1e-3", "--set",
          "privacy.accountant=rdp", "--seed", "1", "--threads", "1", "--device", "cpu",
          "--no-progress"]
@@ -38,7 +38,10 @@ class RecordingExtractor(torch.nn.Module):
 def folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("user")
     make_folder(root / "shapes-test", per_class=12, size=SIZE, seed=1)
-    return make_folder(root / "shapes", per_class=PER_CLASS, size=SIZE, seed=0)
+    folder = make_folder(root / "shapes", per_class=PER_CLASS, size=SIZE, seed=0)
+    for p in sorted((folder / "triangle").iterdir())[KEPT_TRIANGLES:]:
+        p.unlink()  # an unbalanced private set: 36, 36, 12
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,7 @@ def test_train_takes_channels_size_and_classes_from_the_folder(run, folder):
     derived = saved["derived"]
     assert derived["channels"] == 3 and derived["image_size"] == SIZE
     assert derived["class_names"] == list(CLASSES) and derived["num_classes"] == 3
-    assert derived["n"] == 3 * PER_CLASS and derived["device"] == "cpu"
+    assert derived["n"] == 2 * PER_CLASS + KEPT_TRIANGLES and derived["device"] == "cpu"
     assert saved["device"] == "cpu"
     ae = torch.load(run / "checkpoints" / "autoencoder.pt", weights_only=True)["model"]
     assert ae["encoder.body.0.0.weight"].shape[1] == 3  # RGB in
@@ -78,7 +81,7 @@ def test_sample_evaluate_export_and_load_back(run, folder, tmp_path, monkeypatch
     with np.load(npz) as f:
         x, y = f["x"], f["y"]
     assert x.shape == (30, SIZE, SIZE, 3) and x.dtype == np.uint8
-    assert np.bincount(y).tolist() == [10, 10, 10]  # class-balanced, not the private mix
+    assert np.bincount(y).tolist() == [10, 10, 10]  # balanced, not the private 36:36:12
     png = Image.open(tmp_path / "pngs" / "01_square" / "000004.png")
     assert png.mode == "RGB" and np.array_equal(np.asarray(png), x[4])
 

@@ -22,9 +22,13 @@ def test_auto_picks_the_gpu_when_torch_sees_one(monkeypatch):
     # Nothing is allocated: resolving only names the device.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert device.resolve("auto") == torch.device("cuda", 0)
     assert device.resolve("cuda") == torch.device("cuda", 0)
     assert device.resolve("cuda:1") == torch.device("cuda", 1)
+    # a process given GPU 1 (torch.cuda.set_device, one GPU per training process) stays on it
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert device.resolve("auto") == device.resolve("cuda") == torch.device("cuda", 1)
     with pytest.raises(ConfigError, match=r"only 2 CUDA GPU\(s\) visible"):
         device.resolve("cuda:2")
 

@@ -2,7 +2,7 @@
 
 Every command runs the same code on every device: models and tensors are moved with
 `.to(device)` and random generators are created on the device whose tensors they fill.
-`auto` picks the first CUDA GPU when torch sees one, else the CPU. No mixed precision is
+`auto` picks the current CUDA GPU when torch sees one, else the CPU. No mixed precision is
 used: per-example gradient norms, clipping and noise stay in float32 everywhere.
 """
 
@@ -40,7 +40,9 @@ def resolve(spec: str = "auto") -> torch.device:
                  else "a CPU-only build")
         raise ConfigError(f"device {text!r}: no CUDA GPU is available (torch "
                           f"{torch.__version__}, {build}); use --device cpu or --device auto")
-    index = int(text.partition(":")[2] or 0)
+    # plain `cuda` is the current CUDA device: GPU 0, or the one a training process was given
+    # with torch.cuda.set_device (one GPU per process)
+    index = int(text.partition(":")[2]) if ":" in text else torch.cuda.current_device()
     count = torch.cuda.device_count()
     if index >= count:
         raise ConfigError(f"device {text!r}: only {count} CUDA GPU(s) visible "

@@ -13,17 +13,26 @@ with one noise draw (not one per process: std sigma C, not sqrt(2) sigma C).
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import math
 import os
+import sys
+from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
+from conftest import synthetic_images
 from test_dp_training import (EXPECTED_BATCH, N_EXAMPLES, STAGES, RecordingSGD, dp_step,
                               median_clip, norm, per_example_grads)
 
+from dplatent.errors import DplatentError
 from dplatent.privacy.dp_training import make_trainer, poisson_batches
 from dplatent.train import distributed
+from dplatent.train.loop import checkpoint_path, load_checkpoint
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
               pytest.mark.filterwarnings("ignore:Full backward hook is firing",
@@ -216,3 +225,178 @@ def test_processes_hold_identical_parameters_and_follow_the_single_process_run()
             assert before == solo_before
             # (random images: the reconstruction loss cannot fall much below 0.5 here)
             assert after < 0.99 * before, f"{name}: training lowers the loss"
+
+
+# ------------------------------------------------------------------ the command, end to end
+
+N = 600
+SMOKE = ["--preset", "smoke", "--epsilon", "2", "--delta", "1e-4", "--seed", "1", "--threads",
+         "1", "--set", "privacy.accountant=rdp", "--set", "autoencoder.epochs=0.6",
+         "--set", "diffusion.epochs=0.6", "--no-progress"]
+STEPS = 6  # per stage; the smoke preset checkpoints every 5
+
+
+def cli(*args) -> tuple[int, str, str]:
+    from dplatent.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    threads = torch.get_num_threads()
+    with (mock.patch.object(sys, "argv", ["dplatent", *map(str, args)]),
+          contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)):
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            torch.set_num_threads(threads)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    x, y = synthetic_images(N, num_classes=10, seed=3)
+    path = tmp_path_factory.mktemp("data") / "private.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, dataset) -> dict[int, Path]:
+    """The same configuration trained by one process and by two."""
+    out = {}
+    with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1", "DPLATENT_KEEP_MALLOC": "1"}):
+        for nproc in (1, WORLD):
+            run = tmp_path_factory.mktemp("runs") / f"nproc{nproc}"
+            code, stdout, err = cli("train", "--out", run, "--dataset", dataset, *SMOKE,
+                                    "--no-grid", "--nproc", nproc)
+            assert code == 0, err
+            assert stdout.count("trained: epsilon=") == 1
+            out[nproc] = run
+    return out
+
+
+def read(path: Path):
+    return json.loads(path.read_text())
+
+
+def test_two_processes_spend_exactly_the_single_process_epsilon(runs):
+    one, two = (read(runs[k] / "privacy.json") for k in (1, WORLD))
+    assert two["epsilon"] == one["epsilon"] and 0 < two["epsilon"] <= 2
+    assert two == one  # the same entries: sigma, q, steps, C per stage
+    assert {e["stage"]: e["steps"] for e in two["entries"]} == {"autoencoder": STEPS,
+                                                                "diffusion": STEPS}
+    cfg = read(runs[WORLD] / "config.json")
+    assert cfg["derived"]["processes"] == WORLD
+    assert read(runs[1] / "config.json")["derived"]["processes"] == 1
+    assert cfg["derived"]["privacy_plan"] == read(runs[1] / "config.json")["derived"][
+        "privacy_plan"]
+
+
+def test_only_the_first_process_writes_and_training_follows_the_single_process_run(runs):
+    logs = {k: [json.loads(line) for line in (runs[k] / "train_log.jsonl").read_text()
+                .splitlines()] for k in runs}
+    assert [(r["stage"], r["step"]) for r in logs[WORLD]] == [
+        (r["stage"], r["step"]) for r in logs[1]], "one log line per step, not one per process"
+    assert sorted(p.name for p in (runs[WORLD] / "checkpoints").iterdir()) == [
+        "autoencoder.pt", "diffusion.pt"]
+    assert not list(runs[WORLD].glob("*.tmp*")) and (runs[WORLD] / "timings.json").is_file()
+    # autoencoder (hooks, no random draws in the loss): the same batches and noise as one
+    # process, so the same model up to the order of floating-point sums
+    a = load_checkpoint(checkpoint_path(runs[1], "autoencoder"))
+    b = load_checkpoint(checkpoint_path(runs[WORLD], "autoencoder"))
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-6)
+    # denoiser: each process draws its own diffusion times and noise, so it differs from
+    # the single-process model, but it was trained (not left at its initial weights)
+    d1 = load_checkpoint(checkpoint_path(runs[1], "diffusion"))
+    d2 = load_checkpoint(checkpoint_path(runs[WORLD], "diffusion"))
+    assert d2["step"] == STEPS and len(d2["loss_rng_ranks"]) == WORLD
+    assert "loss_rng_ranks" not in d1
+    assert not torch.equal(d2["loss_rng_ranks"][0], d2["loss_rng_ranks"][1])
+    assert any(not torch.equal(d1["model"][k], d2["model"][k]) for k in d1["model"])
+    assert all(math.isfinite(r["loss"]) for r in logs[WORLD])
+
+
+def test_a_two_process_run_samples_like_any_run(runs, tmp_path):
+    out = tmp_path / "synth.npz"
+    code, _, err = cli("sample", "--run", runs[WORLD], "--num", 20, "--out", out,
+                       "--no-progress")
+    assert code == 0, err
+    with np.load(out) as z:
+        assert z["x"].shape == (20, 28, 28) and z["x"].dtype == np.uint8
+
+
+def test_nproc_must_match_the_launcher(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(DplatentError, match="--nproc 2 but the launcher started 3"):
+        with distributed.process_group(2):
+            pass
+
+
+class Crash(Exception):
+    """Stands in for the processes dying."""
+
+
+def _crashing_train(kwargs, at_step):
+    """Both processes stop during denoiser step `at_step` (after the checkpoint before it)."""
+    from dplatent.privacy.dp_training import DPTrainer
+    real, seen = DPTrainer.step_logical, []
+
+    def step(self, chunks, loss_fn):
+        if self.mode == "ghost":
+            seen.append(1)
+            if len(seen) == at_step:
+                raise Crash(f"stopped at denoiser step {at_step}")
+        return real(self, chunks, loss_fn)
+    DPTrainer.step_logical = step
+    return distributed._train_worker(kwargs)
+
+
+def assert_same_state(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (u, v) in enumerate(zip(a, b)):
+            assert_same_state(u, v, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.slow
+def test_two_process_runs_resume_exactly(runs, dataset, tmp_path):
+    from dplatent import config
+    whole = runs[WORLD]
+    saved = read(whole / "config.json")
+    saved.pop("derived")
+    cfg = config.from_dict(saved)
+
+    # a finished run: resuming changes nothing
+    before = {s: load_checkpoint(checkpoint_path(whole, s)) for s in ("autoencoder",
+                                                                       "diffusion")}
+    code, _, err = cli("train", "--resume", "--out", whole, "--no-grid", "--no-progress",
+                       "--nproc", WORLD)
+    assert code == 0, err
+    for s, ck in before.items():
+        assert_same_state(load_checkpoint(checkpoint_path(whole, s)), ck, s)
+
+    # stopped mid-stage, then resumed: the very states of the uninterrupted run
+    run = tmp_path / "run"
+    kwargs = dict(dataset=str(dataset), data_dir=None, cfg=cfg, run_dir=run, resume=False,
+                  progress=False)
+    with pytest.raises(DplatentError, match="Crash: stopped at denoiser step 6"):
+        distributed.launch(WORLD, _crashing_train, kwargs, STEPS)
+    assert {e["stage"]: e["steps"] for e in read(run / "privacy.json")["entries"]} == {
+        "autoencoder": STEPS, "diffusion": 5}
+    assert load_checkpoint(checkpoint_path(run, "diffusion"))["step"] == 5
+    code, _, err = cli("train", "--resume", "--out", run, "--no-grid", "--no-progress",
+                       "--nproc", WORLD)
+    assert code == 0, err
+    assert read(run / "privacy.json") == read(whole / "privacy.json")
+    for s in ("autoencoder", "diffusion"):
+        assert_same_state(load_checkpoint(checkpoint_path(run, s)),
+                          load_checkpoint(checkpoint_path(whole, s)), s)

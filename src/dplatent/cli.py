@@ -108,6 +108,8 @@ def train(out: Annotated[Path, typer.Option("--out", help="run directory to crea
           preset: PresetOpt = "quick", sets: SetOpt = None,
           seed: Annotated[Optional[int], typer.Option(help="random seed")] = None,
           threads: Annotated[Optional[int], typer.Option(help="CPU threads (0 = all)")] = None,
+          nproc: Annotated[Optional[int], typer.Option(
+              help="training processes on this machine (default 1, or torchrun's)")] = None,
           device: DeviceOpt = None,
           resume: Annotated[bool, typer.Option(help="continue the run in --out")] = False,
           grid: Annotated[bool, typer.Option(help="write samples.png at the end")] = True,
@@ -116,7 +118,7 @@ def train(out: Annotated[Path, typer.Option("--out", help="run directory to crea
     """Train both DP stages under one (epsilon, delta) budget."""
     from dplatent import config
     from dplatent.sample import TrainedRun, generate, save_grid
-    from dplatent.train.stages import train as run_train
+    from dplatent.train.distributed import train as run_train
     if resume:
         cfg_path = out / "config.json"
         if not cfg_path.is_file():
@@ -137,8 +139,10 @@ def train(out: Annotated[Path, typer.Option("--out", help="run directory to crea
     if device is not None:  # not a privacy setting: a resumed run may change it too
         import dataclasses
         cfg = dataclasses.replace(cfg, device=device)
-    result = run_train(dataset=dataset, data_dir=data_dir, cfg=cfg, run_dir=out, resume=resume,
-                       progress=progress)
+    result = run_train(nproc, dataset=dataset, data_dir=data_dir, cfg=cfg, run_dir=out,
+                       resume=resume, progress=progress)
+    if result is None:  # one of several training processes, not the first: that one reports
+        return
     led = result["ledger"]
     if led["epsilon"] is None:
         typer.echo(f"trained: NOT PRIVATE (non-private control, no epsilon; "

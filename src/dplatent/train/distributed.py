@@ -113,6 +113,26 @@ def process_group(nproc: int | None = None) -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def train(nproc: int | None = None, **kwargs: Any) -> dict | None:
+    """`stages.train(**kwargs)` in `nproc` processes: started here when no launcher started
+    this one, else this process's part of the launcher's group. Returns the result (in the
+    main process; for several processes only its "timings" and "ledger"), None elsewhere."""
+    from dplatent.train import stages
+    if nproc is not None and nproc > 1 and launched_world_size() <= 1:
+        return launch(nproc, _train_worker, kwargs)
+    with process_group(nproc):
+        result = stages.train(**kwargs)
+        return result if is_main() else None
+
+
+def _train_worker(kwargs: dict) -> dict | None:
+    from dplatent.train import stages
+    with process_group():
+        result = stages.train(**kwargs)
+        main = is_main()
+    return {"timings": result["timings"], "ledger": result["ledger"]} if main else None
+
+
 def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
     """Run `fn(*args)` in `nproc` new processes of one process group on this machine, with
     torch.distributed's elastic launcher (what torchrun runs); returns rank 0's result.

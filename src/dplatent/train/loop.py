@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
@@ -29,6 +30,7 @@ from dplatent.io import atomic_write
 from dplatent.privacy.accounting import StagePlan
 from dplatent.privacy.dp_training import make_trainer, poisson_batches
 from dplatent.privacy.ledger import Ledger
+from dplatent.train import distributed
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -83,6 +85,11 @@ def stage_steps_done(run_dir: Path, stage: str) -> int:
     return int(load_checkpoint(path)["step"]) if path.is_file() else 0
 
 
+def _rank_seed(*parts: int) -> int:
+    """A seed for one process's own random stream, from the stage seed, rank (and step)."""
+    return int(np.random.SeedSequence([abs(p) for p in parts]).generate_state(1)[0])
+
+
 def _log(run_dir: Path, record: dict) -> None:
     with open(Path(run_dir) / "train_log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -94,6 +101,9 @@ def train_stage(model: nn.Module, n: int, loss_fn: LossFn, s: StageSettings, led
 
     `loss_fn(module, indices, generator)` returns the per-example losses of those records.
     Returns the model to use downstream: the EMA copy when s.ema_decay is set.
+
+    In a process group (train/distributed.py) every process calls this; each computes its
+    share of every logical batch, and only the main process writes files.
     """
     plan = s.plan
     ema = (AveragedModel(model, avg_fn=ema_avg_fn(s.ema_decay))
@@ -105,6 +115,9 @@ def train_stage(model: nn.Module, n: int, loss_fn: LossFn, s: StageSettings, led
     sample_gen = torch.Generator().manual_seed(s.seed * 2 + 1)
     noise_gen = torch.Generator(device=device).manual_seed(s.seed * 2 + 2)
     loss_gen = torch.Generator(device=device).manual_seed(s.seed * 2 + 3)
+    rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
+    if rank > 0:  # the loss's draws (diffusion times, noise) for this process's own examples
+        loss_gen.manual_seed(_rank_seed(s.seed * 2 + 3, rank))
     start = 0
     path = checkpoint_path(run_dir, s.name)
     if path.is_file():
@@ -117,22 +130,34 @@ def train_stage(model: nn.Module, n: int, loss_fn: LossFn, s: StageSettings, led
                          (loss_gen, "loss_rng")):
             gen.set_state(ck[key])
         start = int(ck["step"])
+        per_rank = ck.get("loss_rng_ranks")
+        if world > 1 and per_rank is not None and len(per_rank) == world:
+            loss_gen.set_state(per_rank[rank])
+        elif rank > 0:  # saved by another number of processes: a fresh stream of its own
+            loss_gen.manual_seed(_rank_seed(s.seed * 2 + 3, rank, start))
         ledger.record(plan.event(steps=start))
-        ledger.save(run_dir)
+        if main:
+            ledger.save(run_dir)
     if start >= plan.steps:
         return _final(model, ema)
 
     trainer = make_trainer(model, optimizer, mode=s.grad_mode,
                            noise_multiplier=plan.noise_multiplier, clip_norm=plan.clip_norm,
-                           expected_batch_size=plan.batch_size, noise_generator=noise_gen)
-    def save(step: int) -> float:
+                           expected_batch_size=plan.batch_size, noise_generator=noise_gen,
+                           distributed=world > 1)
+    def save(step: int) -> float | None:
+        loss_states = distributed.all_gather(loss_gen.get_state())  # every process calls save
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "ema": ema.state_dict() if ema is not None else {}, "step": step,
                  "sample_rng": sample_gen.get_state(), "noise_rng": noise_gen.get_state(),
                  "loss_rng": loss_gen.get_state()}
+        if world > 1:
+            state["loss_rng_ranks"] = loss_states
         # Ledger first: a crash between the two writes leaves the ledger counting more steps
         # than the checkpoint holds (safe; fixed on resume), never fewer.
         ledger.record(plan.event(steps=step))
+        if not main:
+            return None
         spent = ledger.save(run_dir)["epsilon"]
         atomic_write(path, lambda p: torch.save(state, p))
         return spent
@@ -143,10 +168,11 @@ def train_stage(model: nn.Module, n: int, loss_fn: LossFn, s: StageSettings, led
     model.train()
     t0 = time.time()
     log_every = max(1, plan.steps // 100)
-    bar = tqdm(total=plan.steps, initial=start, desc=s.name, unit="step", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=plan.steps, initial=start, desc=s.name, unit="step",
+               disable=not (progress and main), dynamic_ncols=True)
     batches = poisson_batches(n=n, sample_rate=plan.sample_rate, steps=plan.steps - start,
-                              physical_batch_size=s.physical_batch_size, generator=sample_gen)
+                              physical_batch_size=s.physical_batch_size, generator=sample_gen,
+                              rank=rank, world_size=world)
     running, spent = None, ledger.reported_epsilon()  # None: a non-private control run
     for step, chunks in enumerate(batches, start=start + 1):
         loss = trainer.step_logical(chunks, bound_loss)
@@ -160,11 +186,13 @@ def train_stage(model: nn.Module, n: int, loss_fn: LossFn, s: StageSettings, led
             # epsilon: the ledger's total for the steps saved so far (all stages).
             bar.set_postfix(loss="n/a" if running is None else f"{running:.4f}",
                             eps="NOT PRIVATE" if spent is None else f"{spent:.2f}")
-            _log(run_dir, {"stage": s.name, "step": step, "loss": running, "epsilon": spent,
-                           "time": time.time() - t0})
+            if main:
+                _log(run_dir, {"stage": s.name, "step": step, "loss": running,
+                               "epsilon": spent, "time": time.time() - t0})
         bar.update(1)
     bar.close()
     trainer.close()
+    distributed.barrier()  # the stage's last checkpoint is written before any process goes on
     return _final(model, ema)
 
 

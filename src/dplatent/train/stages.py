@@ -27,6 +27,7 @@ from dplatent.models.autoencoder import Autoencoder, latent_shape, reconstructio
 from dplatent.models.denoiser import Denoiser
 from dplatent.privacy.accounting import PrivacyPlan, plan as make_plan
 from dplatent.privacy.ledger import Ledger
+from dplatent.train import distributed
 from dplatent.train.loop import StageSettings, train_stage
 
 
@@ -99,7 +100,10 @@ def save_config(run_dir: Path, cfg: RunConfig, plan: PrivacyPlan, meta: dict) ->
 
 def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
           resume: bool = False, progress: bool = True) -> dict:
-    """The whole private part of a run; returns timings. Writes only into run_dir."""
+    """The whole private part of a run; returns timings. Writes only into run_dir.
+
+    In a process group (train/distributed.py) every process calls this and shares each
+    logical batch; only the main process writes."""
     run_dir = Path(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise ConfigError(f"{run_dir} exists and is not empty; use --resume to continue it "
@@ -119,7 +123,10 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
     n = len(private)
     if n != plan.n:
         raise RuntimeError(f"training on {n} records but the plan accounts for {plan.n}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()  # every process has looked at run_dir before the main one writes
+    main = distributed.is_main()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     runtime.tune_allocator()
     runtime.set_threads(cfg.threads)
     runtime.seed_everything(cfg.seed)
@@ -128,8 +135,10 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
             "channels": private.channels, "image_size": private.image_size,
             "class_names": data_mod.class_names(dataset, private.num_classes),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "processes": distributed.world_size(),
             "machine": platform.platform(), "device": str(device)}
-    save_config(run_dir, cfg, plan, meta)
+    if main:
+        save_config(run_dir, cfg, plan, meta)
     ledger = Ledger(accountant=plan.accountant, target_epsilon=plan.target_epsilon,
                     delta=plan.delta)  # target None: a non-private control run
     images = torch.from_numpy(private.to_float()).to(device)
@@ -144,7 +153,8 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
                           progress)
     timings["diffusion_s"] = time.time() - t
     del latents, images
-    _write_timings(run_dir, timings)
+    if main:
+        _write_timings(run_dir, timings)
     return {"timings": timings, "ledger": ledger.to_dict(), "autoencoder": ae, "denoiser": den}
 
 

@@ -63,9 +63,10 @@ def test_plan_says_an_unknown_data_set_is_unknown(name, monkeypatch, capsys):
     code, out, err = run_main(["plan", "--preset", "smoke", "--dataset", name],
                               monkeypatch, capsys)
     line = one_line_error(code, err)
-    assert line.startswith(f"error: unknown data set {name!r}; choose from ('mnist', "
-                           "'fashion-mnist')"), line
-    assert "--n" in line and out == ""
+    # the same words as `train` with that name (data.load)
+    assert line == (f"error: unknown data set {name!r}; choose from ('mnist', "
+                    "'fashion-mnist'), or give an .npz path or an image folder"), line
+    assert out == ""
 
 
 def test_plan_of_a_user_file_or_folder_still_asks_for_n(tmp_path, monkeypatch, capsys):

@@ -63,8 +63,8 @@ def _public_n(dataset: str, n: int | None) -> int:
     if dataset in data.BUILTIN:
         return 60000
     if Path(dataset).suffix != ".npz" and not Path(dataset).is_dir():
-        raise DataError(f"unknown data set {dataset!r}; choose from {data.BUILTIN} or give "
-                        "the path of a user data set (plan then needs --n)")
+        raise DataError(f"unknown data set {dataset!r}; choose from {data.BUILTIN}, or give "
+                        "an .npz path or an image folder")
     raise DplatentError("plan needs the number of training records for a user data set: "
                         "pass --n")
 

@@ -131,6 +131,18 @@ def test_control_ledger_writes_no_epsilon_and_a_private_ledger_refuses_no_noise(
         Ledger.load(tmp_path)
 
 
+def test_a_private_ledger_never_saves_an_infinite_epsilon(tmp_path, monkeypatch):
+    from dplatent.privacy import ledger as ledger_mod
+    led = Ledger(accountant="rdp", target_epsilon=10.0, delta=DELTA)
+    led.record(DPEvent(stage="a", noise_multiplier=1.0, sample_rate=0.01, steps=10,
+                       clip_norm=1.0))
+    monkeypatch.setattr(ledger_mod, "epsilon", lambda *a, **k: math.inf)
+    assert led.to_dict()["epsilon"] is None
+    with pytest.raises(PrivacyError, match="ledger epsilon inf exceeds the target 10.0"):
+        led.save(tmp_path)
+    assert not (tmp_path / FILENAME).exists()
+
+
 def test_sigma_zero_trainer_adds_no_noise():
     """With noise multiplier 0 the update does not depend on the noise generator; with noise
     it does (so the comparison can fail)."""

@@ -93,7 +93,7 @@ class Ledger:
         d = self.to_dict()
         if self.target_epsilon is not None and (
                 d["epsilon"] is None or d["epsilon"] > self.target_epsilon * (1 + 1e-9)):
-            raise PrivacyError(f"ledger epsilon {d['epsilon']:.4f} exceeds the target "
+            raise PrivacyError(f"ledger epsilon {self.epsilon():.4f} exceeds the target "
                                f"{self.target_epsilon}")
         write_json(Path(run_dir) / FILENAME, d)
         return d

@@ -326,7 +326,9 @@ def test_a_two_process_run_samples_like_any_run(runs, tmp_path):
         assert z["x"].shape == (20, 28, 28) and z["x"].dtype == np.uint8
 
 
-def test_nproc_must_match_the_launcher(monkeypatch):
+def test_nproc_must_match_the_launcher(monkeypatch, tmp_path):
+    with pytest.raises(DplatentError, match="--nproc must be >= 1, got 0"):
+        distributed.train(0, dataset="mnist", data_dir=None, cfg=None, run_dir=tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(DplatentError, match="--nproc 2 but the launcher started 3"):
         with distributed.process_group(2):

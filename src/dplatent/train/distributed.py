@@ -118,6 +118,8 @@ def train(nproc: int | None = None, **kwargs: Any) -> dict | None:
     this one, else this process's part of the launcher's group. Returns the result (in the
     main process; for several processes only its "timings" and "ledger"), None elsewhere."""
     from dplatent.train import stages
+    if nproc is not None and nproc < 1:
+        raise DplatentError(f"--nproc must be >= 1, got {nproc}")
     if nproc is not None and nproc > 1 and launched_world_size() <= 1:
         return launch(nproc, _train_worker, kwargs)
     with process_group(nproc):

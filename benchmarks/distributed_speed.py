@@ -27,11 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+import records
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "benchmarks" / "runs" / "distributed"
 RESULTS = ROOT / "benchmarks" / "distributed_speed.json"
-BENCH_MD = ROOT / "BENCHMARKS.md"
-BEGIN, END = "<!-- distributed:begin -->", "<!-- distributed:end -->"
 # The quick preset's models, a fraction of its epochs; RDP keeps planning short.
 CONFIG = ["--preset", "quick", "--epsilon", "10", "--delta", "1e-5", "--seed", "0",
           "--set", "autoencoder.epochs=0.25", "--set", "diffusion.epochs=1",
@@ -93,17 +93,8 @@ def table(results: list[dict]) -> str:
 
 
 def write_markdown(results: list[dict]) -> None:
-    text = BENCH_MD.read_text()
-    body = f"{BEGIN}\n{table(results)}{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + body + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + ("\n\n## Multi-process training "
-                                    "(benchmarks/distributed_speed.py)\n\n") + body + "\n"
-    tmp = BENCH_MD.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, BENCH_MD)
+    records.write_section("distributed", table(results),
+                          "Multi-process training (benchmarks/distributed_speed.py)")
 
 
 def main() -> None:
@@ -130,7 +121,7 @@ def main() -> None:
             results.append(r)
     if len({r["epsilon"] for r in results}) != 1:
         raise SystemExit(f"the variants' ledgers differ: {[r['epsilon'] for r in results]}")
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    records.save(RESULTS, results)
     write_markdown(results)
 
 

@@ -24,23 +24,12 @@ import sys
 import time
 from pathlib import Path
 
+import records
 from dplatent import data
 from dplatent.eval.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "ceiling.json"
-BENCH_MD = ROOT / "BENCHMARKS.md"
-BEGIN, END = "<!-- ceiling:begin -->", "<!-- ceiling:end -->"
-
-
-def load_results() -> list[dict]:
-    return json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
-
-
-def save_results(results: list[dict]) -> None:
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, RESULTS)
 
 
 def pct(v) -> str:
@@ -62,12 +51,8 @@ def table(results: list[dict]) -> str:
 
 
 def write_markdown(results: list[dict]) -> None:
-    text = BENCH_MD.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{BENCH_MD} lacks the {BEGIN} / {END} markers")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    BENCH_MD.write_text(f"{head}{BEGIN}\n{table(results)}{END}{tail}")
+    records.write_section("ceiling", table(results),
+                          "Reference ceiling (benchmarks/real_ceiling.py)")
 
 
 def run_one(args, dataset: str) -> dict:
@@ -108,7 +93,7 @@ def main() -> None:
     if "--data-dir" in args.shown:  # never record a machine path
         i = args.shown.index("--data-dir")
         args.shown[i + 1] = "DIR"
-    results = load_results()
+    results = records.load(RESULTS)
     if not args.markdown_only:
         for dataset in args.datasets:
             if any(r["dataset"] == dataset for r in results) and not args.force:
@@ -116,7 +101,7 @@ def main() -> None:
                 continue
             record = run_one(args, dataset)
             results = [r for r in results if r["dataset"] != dataset] + [record]
-            save_results(results)
+            records.save(RESULTS, results)
             print(json.dumps(record, indent=1), flush=True)
     write_markdown(results)
 

@@ -24,10 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+import records
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results.json"
-BENCH_MD = ROOT / "BENCHMARKS.md"
-BEGIN, END = "<!-- grid:begin -->", "<!-- grid:end -->"
 DATASETS = ("mnist", "fashion-mnist")
 EPSILONS = (1.0, 10.0)
 
@@ -50,13 +50,11 @@ def run(cmd: list[str], log) -> tuple[float, int]:
 
 
 def load_results() -> list[dict]:
-    return json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+    return records.load(RESULTS)
 
 
 def save_results(results: list[dict]) -> None:
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, RESULTS)
+    records.save(RESULTS, results)
 
 
 def cell_key(r: dict) -> tuple:
@@ -143,12 +141,7 @@ def table(results: list[dict]) -> str:
 
 
 def write_markdown(results: list[dict]) -> None:
-    text = BENCH_MD.read_text() if BENCH_MD.is_file() else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    pre, rest = text.split(BEGIN, 1)
-    _, post = rest.split(END, 1)
-    BENCH_MD.write_text(pre + BEGIN + "\n" + table(results) + END + post)
+    records.write_section("grid", table(results), "The standard grid (benchmarks/run_grid.py)")
 
 
 def main() -> None:

@@ -1,0 +1,44 @@
+"""What the benchmark scripts share: their JSON result files and their BENCHMARKS.md sections.
+
+Each script owns one section of BENCHMARKS.md between an HTML-comment marker pair and rewrites
+only that section; results files and BENCHMARKS.md are written through a temporary file and a
+rename, so an interrupted script leaves the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_MD = ROOT / "BENCHMARKS.md"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> list[dict]:
+    """The records in a results file ([] when it does not exist yet)."""
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def save(path: Path, records: list[dict]) -> None:
+    _write_atomic(path, json.dumps(records, indent=2) + "\n")
+
+
+def write_section(name: str, body: str, heading: str) -> None:
+    """Replace the text between `<!-- name:begin -->` and `<!-- name:end -->` in BENCHMARKS.md
+    with `body`; where the markers are missing, append `heading` and a new marked section."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = BENCH_MD.read_text() if BENCH_MD.is_file() else "# Benchmarks\n"
+    block = f"{begin}\n{body}{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + f"\n\n## {heading}\n\n{block}\n"
+    _write_atomic(BENCH_MD, text)

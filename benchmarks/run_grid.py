@@ -33,9 +33,15 @@ EPSILONS = (1.0, 10.0)
 
 
 def shown(cmd: list[str]) -> str:
-    """The command as a user would type it (no interpreter path)."""
+    """The command as a user would type it: no interpreter path, paths relative to the
+    repository, and the data directory (a path of the machine it ran on) written as DIR."""
     exe = [sys.executable, "-m", "dplatent"]
-    return shlex.join(["dplatent", *cmd[3:]] if cmd[:3] == exe else cmd)
+    words = ["dplatent", *cmd[3:]] if cmd[:3] == exe else list(cmd)
+    words = [w.removeprefix(f"{ROOT}/") for w in words]
+    for i, w in enumerate(words[:-1]):
+        if w == "--data-dir":
+            words[i + 1] = "DIR"
+    return shlex.join(words)
 
 
 def run(cmd: list[str], log) -> tuple[float, int]:

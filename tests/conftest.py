@@ -1,9 +1,11 @@
-"""Shared helpers for the core tests: the real-data folder, small synthetic data sets, IDX files."""
+"""Shared helpers for the core tests: the real-data folder, small synthetic data sets, IDX files,
+the command line run in-process, tiny trained runs, checkpoint comparison."""
 
 from __future__ import annotations
 
 import gzip
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +120,86 @@ def quadrant_images(n: int, seed: int, size: int = 12,
         r, col = divmod(int(c), 2)
         x[i, r * half:(r + 1) * half, col * half:(col + 1) * half] += 170
     return x, y.astype(np.int64)
+
+
+# ------------------------------------------------ small data sets as files
+
+
+def write_synthetic_npz(path: Path, n: int, seed: int, num_classes: int = 10) -> Path:
+    """synthetic_images(n) saved as an .npz with arrays x and y."""
+    x, y = synthetic_images(n, num_classes=num_classes, seed=seed)
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def bar_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels 0..9 in order (unshuffled) and 28 x 28 uint8 images with class c's bar on rows
+    2 + 2c .. 5 + 2c, plus noise (the audit tests' toy set)."""
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 10).astype(np.int64)
+    x = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+    for c in range(10):
+        x[y == c, 2 + 2 * c:6 + 2 * c, 3:25] = 220
+    return x, y
+
+
+# ------------------------------------------------ the command line and tiny runs, in-process
+
+
+def run_main(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """`dplatent ARGV` in this process, through the same entry point as the installed command;
+    returns (exit code, stdout, stderr)."""
+    from dplatent.cli import main
+    monkeypatch.setattr(sys, "argv", ["dplatent", *argv])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code: int, err: str) -> str:
+    """Asserts exit status 2 and a single `error: ...` line on stderr, no traceback; returns it."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def train_smoke(dataset: Path | str, run_dir: Path, **settings: str) -> Path:
+    """A finished smoke run (RDP accountant, delta 1e-3, one thread, any further settings)
+    trained in this process; torch's thread count is restored afterwards."""
+    from dplatent import config
+    from dplatent.train.stages import train
+    cfg = config.resolve("smoke", {"privacy.accountant": "rdp", "privacy.delta": "1e-3",
+                                   "threads": "1", **settings})
+    old = torch.get_num_threads()
+    try:
+        train(dataset=str(dataset), data_dir=None, cfg=cfg, run_dir=run_dir, progress=False)
+    finally:
+        torch.set_num_threads(old)
+    return run_dir
+
+
+# ------------------------------------------------ comparing checkpoints
+
+
+def assert_same_state(a, b, where: str = "") -> None:
+    """Bitwise equality of nested checkpoint contents (tensors, numbers, containers)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where} differs (max abs diff " \
+            f"{(a.double() - b.double()).abs().max().item() if a.is_floating_point() else '-'})"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{where}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (u, v) in enumerate(zip(a, b)):
+            assert_same_state(u, v, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"

@@ -4,36 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from conftest import bar_images, train_smoke
 
-from dplatent import config
 from dplatent.audit import audit
 from dplatent.errors import DataError
 
 
-def _toy(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = (np.arange(n) % 10).astype(np.int64)
-    x = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
-    for c in range(10):
-        x[y == c, 2 + 2 * c:6 + 2 * c, 3:25] = 220
-    return x, y
-
-
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    from dplatent.train.stages import train
     folder = tmp_path_factory.mktemp("audit-inputs")
-    np.savez(folder / "toy.npz", **dict(zip("xy", _toy(200, 0))))
-    np.savez(folder / "toy-test.npz", **dict(zip("xy", _toy(60, 1))))
-    cfg = config.resolve("smoke", {"privacy.accountant": "rdp", "privacy.delta": "1e-3",
-                                   "threads": "1"})
-    old = torch.get_num_threads()
-    try:
-        train(dataset=str(folder / "toy.npz"), data_dir=None, cfg=cfg, run_dir=folder / "run",
-              progress=False)
-    finally:
-        torch.set_num_threads(old)
+    np.savez(folder / "toy.npz", **dict(zip("xy", bar_images(200, 0))))
+    np.savez(folder / "toy-test.npz", **dict(zip("xy", bar_images(60, 1))))
+    train_smoke(folder / "toy.npz", folder / "run")
     return folder
 
 
@@ -41,7 +23,7 @@ def test_a_changed_training_split_is_refused(toy_run):
     npz = toy_run / "toy.npz"
     original = npz.read_bytes()
     try:
-        np.savez(npz, **dict(zip("xy", _toy(150, 0))))
+        np.savez(npz, **dict(zip("xy", bar_images(150, 0))))
         with pytest.raises(DataError) as info:
             audit(toy_run / "run", None, n_members=20, n_nonmembers=20, num_synthetic=10)
         assert str(info.value) == (f"{npz}: the training split has 150 records but the run "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import bar_images
 
 from dplatent import config
 from dplatent.audit import audit
@@ -20,19 +21,10 @@ SETTINGS = {"privacy.accountant": "rdp", "privacy.delta": "1e-3", "threads": "1"
             "diffusion.physical_batch_size": "50"}
 
 
-def _toy(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = (np.arange(n) % 10).astype(np.int64)
-    x = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
-    for c in range(10):
-        x[y == c, 2 + 2 * c:6 + 2 * c, 3:25] = 220
-    return x, y
-
-
 @pytest.fixture(scope="module")
 def audits(tmp_path_factory) -> dict[str, dict]:
     folder = tmp_path_factory.mktemp("teeth")
-    x, y = _toy(600, 0)
+    x, y = bar_images(600, 0)
     np.savez(folder / "toy.npz", x=x, y=y)
     old = torch.get_num_threads()
     results = {}

@@ -10,32 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error, run_main, train_smoke
 
-from dplatent.cli import main
 from dplatent.errors import DplatentError
 from dplatent.train.loop import checkpoint_path, load_checkpoint
 
 FAST = ["--preset", "smoke", "--set", "privacy.accountant=rdp"]
 
 
-def run_main(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """`dplatent ARGV` in this process, through the same entry point as the installed command."""
-    monkeypatch.setattr(sys, "argv", ["dplatent", *argv])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def assert_one_line_error(code: int, err: str, fragment: str) -> None:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    line = one_line_error(code, err)
+    assert fragment in line, f"{fragment!r} not in {line!r}"
 
 
 def write_npz(path: Path, n: int, seed: int = 0) -> Path:
@@ -171,18 +156,8 @@ def test_train_refuses_non_empty_out_and_bad_resume(tmp_path, monkeypatch, capsy
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """A finished smoke run (one DP step per stage) trained in this process."""
-    from dplatent import config
-    from dplatent.train.stages import train
     folder = tmp_path_factory.mktemp("cli")
-    npz = write_npz(folder / "d.npz", 200)
-    cfg = config.resolve("smoke", {"privacy.accountant": "rdp", "privacy.delta": "1e-3",
-                                   "threads": "1"})
-    old = torch.get_num_threads()
-    try:
-        train(dataset=str(npz), data_dir=None, cfg=cfg, run_dir=folder / "run", progress=False)
-    finally:
-        torch.set_num_threads(old)
-    return folder / "run"
+    return train_smoke(write_npz(folder / "d.npz", 200), folder / "run")
 
 
 @pytest.mark.parametrize("num", ["0", "-3"])

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_main, train_smoke
 
 from dplatent import config
 from dplatent.cli import main
@@ -23,17 +24,6 @@ from dplatent.privacy.ledger import FILENAME, Ledger, recompute
 
 DELTA = 1e-5
 FAST = ["--preset", "smoke", "--set", "privacy.accountant=rdp"]
-
-
-def run_main(argv, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["dplatent", *argv])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def strict_json(path: Path):
@@ -338,19 +328,12 @@ def test_subset_indices_are_a_seeded_uniform_choice():
 
 def test_train_on_a_subset_and_audit_its_members(tmp_path, monkeypatch):
     from dplatent import audit as audit_mod
-    from dplatent.train.stages import subset_indices, train
+    from dplatent.train.stages import subset_indices
     x, y = _toy(400, 5)
     x[:, 0, :8] = np.arange(400)[:, None] % 251  # make every record distinguishable
     x[:, 1, :8] = np.arange(400)[:, None] // 251
     np.savez(tmp_path / "toy.npz", x=x, y=y)
-    cfg = config.resolve("smoke", {"privacy.accountant": "rdp", "privacy.delta": "1e-3",
-                                   "threads": "1", "subset": "120", "seed": "7"})
-    old = torch.get_num_threads()
-    try:
-        train(dataset=str(tmp_path / "toy.npz"), data_dir=None, cfg=cfg,
-              run_dir=tmp_path / "run", progress=False)
-    finally:
-        torch.set_num_threads(old)
+    train_smoke(tmp_path / "toy.npz", tmp_path / "run", subset="120", seed="7")
     meta = json.loads((tmp_path / "run" / "config.json").read_text())["derived"]
     assert meta["n"] == 120 and meta["source_records"] == 400
     ledger = json.loads((tmp_path / "run" / "privacy.json").read_text())

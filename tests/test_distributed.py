@@ -25,7 +25,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_images
+from conftest import assert_same_state, write_synthetic_npz
 from test_dp_training import (EXPECTED_BATCH, N_EXAMPLES, STAGES, RecordingSGD, dp_step,
                               median_clip, norm, per_example_grads)
 
@@ -254,10 +254,7 @@ def cli(*args) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    x, y = synthetic_images(N, num_classes=10, seed=3)
-    path = tmp_path_factory.mktemp("data") / "private.npz"
-    np.savez(path, x=x, y=y)
-    return path
+    return write_synthetic_npz(tmp_path_factory.mktemp("data") / "private.npz", N, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -352,21 +349,6 @@ def _crashing_train(kwargs, at_step):
         return real(self, chunks, loss_fn)
     DPTrainer.step_logical = step
     return distributed._train_worker(kwargs)
-
-
-def assert_same_state(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same_state(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (u, v) in enumerate(zip(a, b)):
-            assert_same_state(u, v, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 @pytest.mark.slow

@@ -3,35 +3,14 @@ below 1 and negative or non-finite `--guidance` each get one clear line (exit st
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import one_line_error, run_main, train_smoke
 
 from dplatent import data
-from dplatent.cli import main
 from dplatent.errors import DataError
-
-
-def run_main(argv, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["dplatent", *argv])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code: int, err: str) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 # --- a file named .npz that is not a zip archive -------------------------------------------
@@ -86,21 +65,11 @@ def test_plan_of_a_user_file_or_folder_still_asks_for_n(tmp_path, monkeypatch, c
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    from dplatent import config
-    from dplatent.train.stages import train
     folder = tmp_path_factory.mktemp("msg")
     rng = np.random.default_rng(0)
     np.savez(folder / "d.npz", x=rng.integers(0, 256, (200, 28, 28), dtype=np.uint8),
              y=np.arange(200) % 10)
-    cfg = config.resolve("smoke", {"privacy.accountant": "rdp", "privacy.delta": "1e-3",
-                                   "threads": "1"})
-    old = torch.get_num_threads()
-    try:
-        train(dataset=str(folder / "d.npz"), data_dir=None, cfg=cfg, run_dir=folder / "run",
-              progress=False)
-    finally:
-        torch.set_num_threads(old)
-    return folder / "run"
+    return train_smoke(folder / "d.npz", folder / "run")
 
 
 @pytest.mark.parametrize("args,message", [

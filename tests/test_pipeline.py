@@ -19,7 +19,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_images
+from conftest import write_synthetic_npz
 
 from dplatent.cli import main
 from dplatent.privacy.ledger import recompute
@@ -60,10 +60,7 @@ def digest(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    x, y = synthetic_images(N, num_classes=10, seed=3)
-    path = tmp_path_factory.mktemp("data") / "private.npz"
-    np.savez(path, x=x, y=y)
-    return path
+    return write_synthetic_npz(tmp_path_factory.mktemp("data") / "private.npz", N, seed=3)
 
 
 @pytest.fixture(scope="module")

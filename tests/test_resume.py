@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_state
 from typer.testing import CliRunner
 
 from dplatent import config
@@ -71,24 +72,6 @@ def planned_steps() -> dict[str, int]:
     cfg = config.resolve("smoke", {**SETS, "privacy.epsilon": EPSILON,
                                    "privacy.delta": DELTA})
     return {s.stage: s.steps for s in make_plan(N_TRAIN, cfg).stages}
-
-
-def assert_same_state(a: dict, b: dict, where: str = "") -> None:
-    """Bitwise equality of nested checkpoint contents (tensors, numbers, containers)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where} differs (max abs diff " \
-            f"{(a.double() - b.double()).abs().max().item() if a.is_floating_point() else '-'})"
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"{where}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
-        for k in a:
-            assert_same_state(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (u, v) in enumerate(zip(a, b)):
-            assert_same_state(u, v, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 @pytest.mark.slow

@@ -46,13 +46,24 @@ def table(results: list[dict]) -> str:
         rows.append(f"| {r['dataset']} | {cnn} | {pct(r.get('mlp_acc'))} | "
                     f"{pct(r.get('logreg_acc'))} | {fid} | {r['wall_s']:.0f} | "
                     f"{r['peak_rss_mb']} | {r['date']} |")
-    cmds = sorted({r["command"] for r in results})
-    return "\n".join(rows) + "\n\nCommand: " + "; ".join(f"`{c}`" for c in cmds) + "\n"
+    cmds = sorted({c for r in results for c in r["command"].split("; ")})
+    return "\n".join(rows) + "\n\nCommands: " + "; ".join(f"`{c}`" for c in cmds) + "\n"
 
 
 def write_markdown(results: list[dict]) -> None:
     records.write_section("ceiling", table(results),
                           "Reference ceiling (benchmarks/real_ceiling.py)")
+
+
+def merge(previous: dict, new: dict) -> dict:
+    """A data set measured again for other metrics keeps the earlier metrics; the record lists
+    every command that contributed, and the wall times add up."""
+    merged = {**previous, **{k: v for k, v in new.items() if v is not None}}
+    merged["wall_s"] = previous["wall_s"] + new["wall_s"]
+    merged["peak_rss_mb"] = max(previous["peak_rss_mb"], new["peak_rss_mb"])
+    if new["command"] not in previous["command"]:
+        merged["command"] = f"{previous['command']}; {new['command']}"
+    return merged
 
 
 def run_one(args, dataset: str) -> dict:
@@ -96,11 +107,15 @@ def main() -> None:
     results = records.load(RESULTS)
     if not args.markdown_only:
         for dataset in args.datasets:
-            if any(r["dataset"] == dataset for r in results) and not args.force:
-                print(f"{dataset}: already measured (use --force to redo)")
+            previous = next((r for r in results if r["dataset"] == dataset), None)
+            wanted = {m for m in args.metrics.split(",") if m}
+            if previous and not args.force and all(
+                    previous.get(f"{m}_acc" if m != "fid" else "fid") is not None for m in wanted):
+                print(f"{dataset}: {sorted(wanted)} already measured (use --force to redo)")
                 continue
             record = run_one(args, dataset)
-            results = [r for r in results if r["dataset"] != dataset] + [record]
+            results = [r for r in results if r["dataset"] != dataset] + [
+                merge(previous, record) if previous and not args.force else record]
             records.save(RESULTS, results)
             print(json.dumps(record, indent=1), flush=True)
     write_markdown(results)

@@ -49,6 +49,35 @@ def test_unknown_device_names_are_refused(spec):
         device.resolve(spec)
 
 
+def test_an_explicit_gpu_is_refused_for_several_processes(monkeypatch, tmp_path):
+    # each process takes the GPU of its local rank; cuda:N would put them all on one GPU
+    for spec in ("auto", "cpu", "cuda", "cuda:1"):
+        assert device.check_processes(spec, 1) == spec
+    for spec in ("auto", "cpu", "cuda"):
+        assert device.check_processes(spec, 2) == spec
+    with pytest.raises(ConfigError) as info:
+        device.check_processes("cuda:1", 2)
+    message = str(info.value)
+    assert "--device cuda or --device auto with several processes" in message
+    assert "\n" not in message
+
+    # before any process is started or any data is read, for --nproc and for torchrun
+    from dplatent.train import distributed
+    monkeypatch.setattr(distributed, "launch", lambda *a, **k: pytest.fail("launched"))
+    cfg = config.resolve("smoke", {"device": "cuda:0"})
+    kwargs = dict(dataset="no-such-data", data_dir=None, cfg=cfg, run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match="use --device cuda or --device auto"):
+        distributed.train(2, **kwargs)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="use --device cuda or --device auto"):
+        distributed.train(None, **kwargs)
+    # in a process group already formed (stages.train called directly)
+    from dplatent.train import stages
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ConfigError, match="use --device cuda or --device auto"):
+        stages.train(**kwargs)
+
+
 def test_the_device_is_part_of_the_run_configuration():
     assert config.resolve("smoke", {}).device == "auto"
     cfg = config.resolve("smoke", {"device": "cpu"})

@@ -27,6 +27,17 @@ def check_spec(spec: str) -> str:
     return spec
 
 
+def check_processes(spec: str, world_size: int) -> str:
+    """`spec` if it suits `world_size` training processes; ConfigError otherwise. Several
+    processes each take the GPU of their local rank (plain `cuda` or `auto`); an explicit
+    `cuda:N` would put every one of them on the same GPU."""
+    text = check_spec(spec)
+    if world_size > 1 and text.startswith("cuda:"):
+        raise ConfigError(f"device {text!r} would put all {world_size} training processes on "
+                          "one GPU; use --device cuda or --device auto with several processes")
+    return text
+
+
 def resolve(spec: str = "auto") -> torch.device:
     """The torch device for an option value; a clear error when a GPU is asked for and absent."""
     import torch

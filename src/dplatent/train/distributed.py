@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dplatent import device
 from dplatent.errors import DplatentError
 
 
@@ -120,6 +121,8 @@ def train(nproc: int | None = None, **kwargs: Any) -> dict | None:
     from dplatent.train import stages
     if nproc is not None and nproc < 1:
         raise DplatentError(f"--nproc must be >= 1, got {nproc}")
+    device.check_processes(kwargs["cfg"].device,
+                           launched_world_size() if nproc is None else nproc)
     if nproc is not None and nproc > 1 and launched_world_size() <= 1:
         return launch(nproc, _train_worker, kwargs)
     with process_group(nproc):

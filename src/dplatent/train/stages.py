@@ -108,6 +108,7 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise ConfigError(f"{run_dir} exists and is not empty; use --resume to continue it "
                           "or choose another --out")
+    device_mod.check_processes(cfg.device, distributed.world_size())
     private = data_mod.load(dataset, "train", data_dir)
     latent_shape(private.image_size, cfg.autoencoder.channels, cfg.autoencoder.latent_channels)
     device = device_mod.resolve(cfg.device)

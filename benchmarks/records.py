@@ -8,17 +8,16 @@ rename, so an interrupted script leaves the old file or the new one.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from dplatent.io import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_MD = ROOT / "BENCHMARKS.md"
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: p.write_text(text))
 
 
 def load(path: Path) -> list[dict]:

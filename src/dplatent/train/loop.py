@@ -181,7 +181,9 @@ def train_stage(model: nn.Module, n: int, loss_fn: LossFn, s: StageSettings, led
         if loss == loss:  # not NaN (empty batch)
             running = loss if running is None else 0.95 * running + 0.05 * loss
         if step % s.checkpoint_every == 0 or step == plan.steps:
-            spent = save(step)
+            saved = save(step)
+            if main:  # the other processes write nothing and keep the value they had
+                spent = saved
         if step % log_every == 0 or step == plan.steps:
             # epsilon: the ledger's total for the steps saved so far (all stages).
             bar.set_postfix(loss="n/a" if running is None else f"{running:.4f}",

@@ -197,10 +197,6 @@ def _synthetic(run, run_dir: Path, num: int, seed: int) -> tuple[torch.Tensor, s
     return _images(x), f"generated {num} with seed {seed}"
 
 
-def _pick(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    return np.sort(rng.choice(n, size=min(n, k), replace=False))
-
-
 def _scores(run, images: torch.Tensor, labels: np.ndarray, synthetic: torch.Tensor,
             seed: int) -> dict[str, np.ndarray]:
     images, synthetic = images.to(run.device), synthetic.to(run.device)
@@ -253,8 +249,8 @@ def audit(run_dir: str | Path, data_dir: str | Path | None = None, *, n_members:
         from dplatent.train.stages import subset_indices
         inside = subset_indices(len(train), run.cfg.subset, run.cfg.seed)
         outside = np.setdiff1d(np.arange(len(train)), inside)
-        mi = inside[_pick(len(inside), n_members, rng)]
-        oi = outside[_pick(len(outside), n_nonmembers, rng)]
+        mi = inside[data_mod.random_subset(len(inside), n_members, rng)]
+        oi = outside[data_mod.random_subset(len(outside), n_nonmembers, rng)]
         non_x, non_y = train.x[oi], train.y[oi]
         sources = (f"random training subset of {len(inside)} (subset={run.cfg.subset}, "
                    f"seed={run.cfg.seed})",
@@ -265,7 +261,8 @@ def audit(run_dir: str | Path, data_dir: str | Path | None = None, *, n_members:
         if test.x.shape[1:] != train.x.shape[1:]:
             raise DataError(f"{dataset}: test images {test.x.shape[1:]} differ from training "
                             f"images {train.x.shape[1:]}")
-        mi, oi = _pick(len(train), n_members, rng), _pick(len(test), n_nonmembers, rng)
+        mi = data_mod.random_subset(len(train), n_members, rng)
+        oi = data_mod.random_subset(len(test), n_nonmembers, rng)
         non_x, non_y = test.x[oi], test.y[oi]
         sources = ("training split", "test split")
 

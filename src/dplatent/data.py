@@ -401,6 +401,11 @@ def _describe(shape: tuple, kind: str) -> str:
     return f"{shape[1]}x{shape[0]} {kind}"
 
 
+def random_subset(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """min(n, k) distinct indices into n, drawn uniformly at random from `rng`, sorted."""
+    return np.sort(rng.choice(n, size=min(n, k), replace=False))
+
+
 def sibling_test_path(path: str | Path) -> Path:
     """NAME-test.npz beside NAME.npz, NAME-test/ beside the folder NAME/."""
     path = Path(path)

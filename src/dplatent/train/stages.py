@@ -89,8 +89,7 @@ def subset_indices(n: int, size: int, seed: int) -> np.ndarray:
     """The `size` training records (sorted indices into n) a run with `subset = size` trains
     on: uniformly at random from the run's seed, independently of the data. The audit draws
     the same indices to know which records are members."""
-    rng = np.random.default_rng([seed, 0x5B5E7])
-    return np.sort(rng.choice(n, size=size, replace=False))
+    return data_mod.random_subset(n, size, np.random.default_rng([seed, 0x5B5E7]))
 
 
 def save_config(run_dir: Path, cfg: RunConfig, plan: PrivacyPlan, meta: dict) -> None:

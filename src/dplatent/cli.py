@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dplatent.errors import DataError, DplatentError
+from dplatent.errors import DplatentError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Differentially private synthetic image data via latent diffusion.")
@@ -62,9 +62,7 @@ def _public_n(dataset: str, n: int | None) -> int:
         return n
     if dataset in data.BUILTIN:
         return 60000
-    if Path(dataset).suffix != ".npz" and not Path(dataset).is_dir():
-        raise DataError(f"unknown data set {dataset!r}; choose from {data.BUILTIN}, or give "
-                        "an .npz path or an image folder")
+    data.check_name(dataset)
     raise DplatentError("plan needs the number of training records for a user data set: "
                         "pass --n")
 

@@ -414,6 +414,14 @@ def sibling_test_path(path: str | Path) -> Path:
     return path.with_name(path.name + TEST_SUFFIX)
 
 
+def check_name(dataset: str) -> None:
+    """A DataError unless `dataset` is a built-in data set's name, an .npz path or a folder."""
+    path = Path(dataset)
+    if dataset not in BUILTIN and not path.is_dir() and path.suffix != ".npz":
+        raise DataError(f"unknown data set {dataset!r}; choose from {BUILTIN}, or give an .npz "
+                        "path or an image folder")
+
+
 def load(dataset: str, split: str = "train", data_dir: str | Path | None = None) -> LabelledImages:
     """Load a built-in data set by name, a user's npz or a user's image folder by path.
 
@@ -422,10 +430,8 @@ def load(dataset: str, split: str = "train", data_dir: str | Path | None = None)
     """
     if dataset in BUILTIN:
         return load_builtin(dataset, split, data_dir)
+    check_name(dataset)
     path = Path(dataset)
-    if not path.is_dir() and path.suffix != ".npz":
-        raise DataError(f"unknown data set {dataset!r}; choose from {BUILTIN}, or give an .npz "
-                        "path or an image folder")
     if split not in FILES:
         raise DataError(f"unknown split {split!r}; choose 'train' or 'test'")
     if path.is_dir():

@@ -60,11 +60,3 @@ def resolve(spec: str = "auto") -> torch.device:
                           f"(cuda:0..cuda:{count - 1})")
     return torch.device("cuda", index)
 
-
-def describe(device: torch.device) -> str:
-    """A short human-readable name, e.g. 'cpu' or 'cuda:0 (NVIDIA H100)'."""
-    import torch
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-    return device.type

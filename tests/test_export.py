@@ -11,7 +11,9 @@ from PIL import Image
 
 from dplatent import export
 from dplatent.errors import ConfigError, DataError
-from dplatent.sample import save_npz
+from dplatent.io import sha256_file
+from dplatent.sample import run_fingerprint, save_npz
+from dplatent.train.loop import checkpoint_path
 
 FASHION = ["T-shirt/top", "Trouser", "Pullover"]
 LEDGER = {"accountant": "rdp", "accountant_name": "Opacus RDP accountant (Mironov 2017)",
@@ -34,7 +36,16 @@ def fake_run(root: Path, class_names: list[str], ledger: dict | None = LEDGER,
         "derived": {"dataset": dataset, "class_names": class_names}}))
     if ledger is not None:
         (run / "privacy.json").write_text(json.dumps(ledger))
+    for stage in ("autoencoder", "diffusion"):  # stand-ins: the export only hashes them
+        path = checkpoint_path(run, stage)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(f"{stage} weights".encode())
     return run
+
+
+def drawn(path: Path, x, y, run: Path, **info) -> Path:
+    """An npz as `dplatent sample` writes it from `run`: with the run's model fingerprint."""
+    return save_npz(path, x, y, info={**info, "run_fingerprint": run_fingerprint(run)})
 
 
 def images(n: int, classes: int, shape: tuple[int, ...], seed: int = 0):
@@ -63,8 +74,7 @@ def test_folder_names_keep_the_label_order_when_sorted():
 def test_grey_export_loads_back_with_datasets_pixel_for_pixel(tmp_path):
     run = fake_run(tmp_path, FASHION)
     x, y = images(12, 3, (28, 28))
-    npz = save_npz(tmp_path / "s.npz", x, y, info={"seed": 7, "guidance": 1.0, "steps": 50,
-                                                   "sampler": "ddim"})
+    npz = drawn(tmp_path / "s.npz", x, y, run, seed=7, guidance=1.0, steps=50, sampler="ddim")
     facts = export.export_run(tmp_path / "out", run, npz)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "dplatent.json",
@@ -105,7 +115,7 @@ def test_rgb_export_loads_back_as_rgb_and_from_its_card(tmp_path):
 def test_card_states_method_budget_accountant_dates_and_no_private_path(tmp_path):
     run = fake_run(tmp_path, ["cat", "dog"])
     x, y = images(4, 2, (28, 28))
-    export.export_run(tmp_path / "out", run, save_npz(tmp_path / "s.npz", x, y))
+    export.export_run(tmp_path / "out", run, drawn(tmp_path / "s.npz", x, y, run))
     card = (tmp_path / "out" / "README.md").read_text()
     header, body = card.split("---\n")[1], card.split("---\n", 2)[2]
     assert ('pretty_name: "Synthetic clinic-scans (differentially private, epsilon = 3.99)"'
@@ -152,7 +162,8 @@ def test_metrics_only_from_an_eval_json_of_exactly_these_images(tmp_path):
                   "cnn_acc_std": 0.01, "classifier_seeds": 3, "fid": 12.5, "fid_samples": 4,
                   "fid_reference": "/private/holder/files/clinic-scans",
                   "fid_reference_samples": 4, "fid_warning": None,
-                  "synthetic_sha256": export._sha256(npz)}
+                  "fid_reference_split": "test",
+                  "synthetic_sha256": sha256_file(npz)}
     (run / "eval.json").write_text(json.dumps(evaluation))
     facts = export.export_run(tmp_path / "out", run, npz)
     card = (tmp_path / "out" / "README.md").read_text()
@@ -187,3 +198,30 @@ def test_refusals(tmp_path):
     (tmp_path / "empty").mkdir()
     export.export_run(tmp_path / "empty", run, npz)
     assert (tmp_path / "empty" / "README.md").is_file()
+
+
+def test_images_not_drawn_from_the_run_are_labelled_not_private(tmp_path):
+    run = fake_run(tmp_path, ["cat", "dog"])
+    x, y = images(4, 2, (28, 28))
+    plain = export.export_run(tmp_path / "a", run, save_npz(tmp_path / "s.npz", x, y))
+    assert not plain["private"] and "model fingerprint" in plain["label"]
+    assert "NOT PRIVATE" in (tmp_path / "a" / "README.md").read_text()
+    assert export.export_run(tmp_path / "b", run, drawn(tmp_path / "t.npz", x, y, run))["private"]
+    # the models changed after sampling (e.g. training went on): no longer this run's images
+    checkpoint_path(run, "diffusion").write_bytes(b"other weights")
+    assert not export.export_run(tmp_path / "c", run, tmp_path / "t.npz")["private"]
+
+
+def test_fid_against_the_private_training_split_is_not_published(tmp_path):
+    run = fake_run(tmp_path, ["cat", "dog"])
+    x, y = images(4, 2, (28, 28))
+    npz = drawn(tmp_path / "s.npz", x, y, run)
+    evaluation = {"dataset": "mnist", "cnn_acc": 0.9, "fid": 12.5, "fid_samples": 4,
+                  "fid_reference": "mnist/train", "fid_reference_samples": 4,
+                  "fid_reference_split": "train", "synthetic_sha256": sha256_file(npz)}
+    (run / "eval.json").write_text(json.dumps(evaluation))
+    facts = export.export_run(tmp_path / "out", run, npz)
+    assert facts["metrics"]["cnn_acc"] == 0.9
+    assert not any(k.startswith("fid") for k in facts["metrics"])
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "- FID:" not in card and "12.5" not in card and "no FID" in card

@@ -180,7 +180,7 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
     """Draw labelled synthetic images from a trained run (no privacy cost)."""
     import time
 
-    from dplatent.sample import TrainedRun, generate, save_npz, save_png_dir
+    from dplatent.sample import TrainedRun, generate, run_fingerprint, save_npz, save_png_dir
     t = time.time()
     if export_dir:
         from dplatent.export import check_target
@@ -192,7 +192,8 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
     x, y = generate(trained, num, seed=seed, guidance=guidance, steps=steps, progress=progress)
     s = trained.cfg.sampling
     info = {"seed": seed, "guidance": s.guidance if guidance is None else guidance,
-            "steps": s.steps if steps is None else steps, "sampler": s.sampler}
+            "steps": s.steps if steps is None else steps, "sampler": s.sampler,
+            "run_fingerprint": run_fingerprint(run)}
     path = save_npz(out or run / "synthetic.npz", x, y, info=info)
     if png_dir:
         save_png_dir(png_dir, x, y, trained.meta["class_names"])

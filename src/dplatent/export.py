@@ -33,8 +33,9 @@ import numpy as np
 from PIL import Image
 
 from dplatent import __version__, data
+from dplatent.sample import run_fingerprint
 from dplatent.errors import ConfigError, DataError
-from dplatent.io import write_json
+from dplatent.io import read_json, sha256_file, write_json
 
 CARD = "README.md"
 LEDGER = "privacy.json"
@@ -64,18 +65,6 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")[:48] or "class"
 
 
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(value, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return value
-
-
 def privacy_status(config: dict, ledger: dict | None) -> tuple[bool, str]:
     """(private?, reason): NOT PRIVATE when the configuration or the ledger says so, or the
     ledger is missing or holds no finite epsilon."""
@@ -93,15 +82,10 @@ def privacy_status(config: dict, ledger: dict | None) -> tuple[bool, str]:
 
 def _matching_eval(eval_path: Path | None, npz_sha: str) -> dict | None:
     """eval.json's content if it evaluated exactly this npz, else None."""
-    result = _read_json(eval_path) if eval_path else None
+    result = read_json(eval_path) if eval_path else None
     if result and result.get("synthetic_sha256") == npz_sha:
         return result
     return None
-
-
-def _sha256(path: Path) -> str:
-    from dplatent.eval.fid import sha256_file
-    return sha256_file(path)
 
 
 def _mtime_date(path: Path) -> str | None:
@@ -120,16 +104,17 @@ def check_target(out_dir: str | Path) -> Path:
 
 
 def export_run(out_dir: str | Path, run_dir: str | Path, npz_path: str | Path, *,
-               eval_path: str | Path | None = None, sampling: dict | None = None) -> dict:
+               eval_path: str | Path | None = None) -> dict:
     """Write the export of the synthetic npz `npz_path` drawn from the run in `run_dir`.
 
-    `eval_path` defaults to RUN/eval.json; `sampling` (seed, guidance, steps, ...) is quoted
-    in the card (default: the settings `dplatent sample` stored in the npz). Refuses an
-    existing non-empty `out_dir`; writes into a temporary folder beside it and renames it into
-    place at the end. Returns the facts of dplatent.json.
+    `eval_path` defaults to RUN/eval.json. The sampling settings `dplatent sample` stored in
+    the npz are quoted in the card; an npz without this run's model fingerprint among them
+    (not drawn from this run's trained models, e.g. real images) is labelled NOT PRIVATE.
+    Refuses an existing non-empty `out_dir`; writes into a temporary folder beside it and
+    renames it into place at the end. Returns the facts of dplatent.json.
     """
     out_dir, run_dir, npz_path = check_target(out_dir), Path(run_dir), Path(npz_path)
-    config = _read_json(run_dir / "config.json")
+    config = read_json(run_dir / "config.json")
     if config is None:
         raise DataError(f"{run_dir}: not a run directory (no config.json)")
     meta = config.get("derived", {})
@@ -144,11 +129,13 @@ def export_run(out_dir: str | Path, run_dir: str | Path, npz_path: str | Path, *
         missing = [class_names[i] for i in np.flatnonzero(counts == 0)]
         raise DataError(f"{npz_path}: no images of class(es) {missing}; an export needs every "
                         f"class (sample at least {synth.num_classes} images)")
-    if sampling is None:
-        sampling = npz_info(npz_path)
-    ledger = _read_json(run_dir / LEDGER)
+    sampling = npz_info(npz_path)
+    ledger = read_json(run_dir / LEDGER)
     private, reason = privacy_status(config, ledger)
-    npz_sha = _sha256(npz_path)
+    if private and (sampling or {}).get("run_fingerprint") != run_fingerprint(run_dir):
+        private, reason = False, (f"{npz_path.name} does not carry this run's model fingerprint, "
+                                  f"so it is not known to be drawn from the run's DP models")
+    npz_sha = sha256_file(npz_path)
     evaluation = _matching_eval(Path(eval_path) if eval_path else run_dir / "eval.json",
                                 npz_sha)
     folders = folder_names(class_names)
@@ -209,6 +196,10 @@ def _metric_facts(result: dict | None) -> dict | None:
             "fid_reference_samples", "fid_warning", "classifier_seeds",
             "cnn_acc", "cnn_acc_std", "mlp_acc", "mlp_acc_std", "logreg_acc", "logreg_acc_std")
     out = {k: result[k] for k in keys if k in result}
+    if result.get("fid_reference_split") != "test":
+        # FID against the training split is a statistic of the private data, outside the DP
+        # guarantee: it stays in the run directory and is not published.
+        out = {k: v for k, v in out.items() if not k.startswith("fid")}
     for key in ("dataset", "fid_reference"):  # a user's path: its last part only
         if key in out and str(out[key]).split("/")[0] not in data.BUILTIN:
             out[key] = Path(str(out[key])).name
@@ -318,10 +309,12 @@ def data_card(facts: dict) -> str:
 def _metric_lines(m: dict | None) -> list[str]:
     if not m:
         return ["Not evaluated (no eval.json of exactly these images).", ""]
+    fid = ("FID against its real test split" if m.get("fid") is not None else
+           "no FID (only an FID against the real test split is published; one against the "
+           "private training split stays with the data holder)")
     out = [f"Computed by `dplatent evaluate` against the real data set `{m.get('dataset')}`: "
-           "classifiers trained on these images and tested once on its real test split; FID "
-           "against its real images. These numbers come from real data and carry no privacy "
-           "guarantee of their own.", ""]
+           f"classifiers trained on these images and tested once on its real test split; {fid}. "
+           "These numbers come from real data and carry no privacy guarantee of their own.", ""]
     for kind, name in (("cnn", "CNN"), ("mlp", "MLP"), ("logreg", "logistic regression")):
         if f"{kind}_acc" in m:
             out.append(f"- {name} accuracy on the real test split: {100 * m[f'{kind}_acc']:.2f} % "

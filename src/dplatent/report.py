@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from dplatent import data  # noqa: E402
 from dplatent.errors import DataError  # noqa: E402
-from dplatent.io import atomic_write  # noqa: E402
+from dplatent.io import atomic_write, read_json  # noqa: E402
 
 CURVES_PNG = "training_curves.png"
 CLASS_GRID_PNG = "synthetic_grid.png"
@@ -42,18 +42,6 @@ class RunFiles:
     has_samples_png: bool
     synthetic: data.LabelledImages | None
     audit: dict | None = None
-
-
-def read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(value, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
 
 
 def read_jsonl(path: Path) -> list[dict]:

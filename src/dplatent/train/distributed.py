@@ -116,8 +116,8 @@ def process_group(nproc: int | None = None) -> Iterator[None]:
 
 def train(nproc: int | None = None, **kwargs: Any) -> dict | None:
     """`stages.train(**kwargs)` in `nproc` processes: started here when no launcher started
-    this one, else this process's part of the launcher's group. Returns the result (in the
-    main process; for several processes only its "timings" and "ledger"), None elsewhere."""
+    this one, else this process's part of the launcher's group. Returns the result's "timings"
+    and "ledger" in the main process, None elsewhere."""
     from dplatent.train import stages
     if nproc is not None and nproc < 1:
         raise DplatentError(f"--nproc must be >= 1, got {nproc}")
@@ -126,16 +126,18 @@ def train(nproc: int | None = None, **kwargs: Any) -> dict | None:
     if nproc is not None and nproc > 1 and launched_world_size() <= 1:
         return launch(nproc, _train_worker, kwargs)
     with process_group(nproc):
-        result = stages.train(**kwargs)
-        return result if is_main() else None
+        return _summary(stages.train(**kwargs))
 
 
 def _train_worker(kwargs: dict) -> dict | None:
     from dplatent.train import stages
     with process_group():
-        result = stages.train(**kwargs)
-        main = is_main()
-    return {"timings": result["timings"], "ledger": result["ledger"]} if main else None
+        return _summary(stages.train(**kwargs))
+
+
+def _summary(result: dict) -> dict | None:
+    """What the launching process reports (the models stay in the run directory)."""
+    return {"timings": result["timings"], "ledger": result["ledger"]} if is_main() else None
 
 
 def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
@@ -145,8 +147,6 @@ def launch(nproc: int, fn: Callable[..., Any], *args: Any) -> Any:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-    if nproc < 1:
-        raise DplatentError(f"--nproc must be >= 1, got {nproc}")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
                           run_id=str(uuid.uuid4()), rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn")

@@ -30,12 +30,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from dplatent import __version__, data
-from dplatent.sample import run_fingerprint
-from dplatent.errors import ConfigError, DataError
+from dplatent.errors import DataError
 from dplatent.io import read_json, sha256_file, write_json
+from dplatent.sample import check_target, run_fingerprint, write_class_folders
 
 CARD = "README.md"
 LEDGER = "privacy.json"
@@ -95,14 +94,6 @@ def _mtime_date(path: Path) -> str | None:
     return stamp.date().isoformat()
 
 
-def check_target(out_dir: str | Path) -> Path:
-    """The export folder must not exist yet, or be empty (checked before any sampling)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ConfigError(f"{out_dir} exists and is not empty; choose another export folder")
-    return out_dir
-
-
 def export_run(out_dir: str | Path, run_dir: str | Path, npz_path: str | Path, *,
                eval_path: str | Path | None = None) -> dict:
     """Write the export of the synthetic npz `npz_path` drawn from the run in `run_dir`.
@@ -156,7 +147,7 @@ def export_run(out_dir: str | Path, run_dir: str | Path, npz_path: str | Path, *
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
-        _write_images(tmp / SPLIT, synth.x, synth.y, folders)
+        write_class_folders(tmp / SPLIT, synth.x, synth.y, folders)
         if ledger is not None:
             shutil.copyfile(run_dir / LEDGER, tmp / LEDGER)
         write_json(tmp / FACTS, facts)
@@ -168,13 +159,6 @@ def export_run(out_dir: str | Path, run_dir: str | Path, npz_path: str | Path, *
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return facts
-
-
-def _write_images(root: Path, x: np.ndarray, y: np.ndarray, folders: list[str]) -> None:
-    for c, folder in enumerate(folders):
-        (root / folder).mkdir(parents=True)
-    for i, (img, c) in enumerate(zip(x, y)):
-        Image.fromarray(img).save(root / folders[int(c)] / f"{i:06d}.png")
 
 
 def _privacy_facts(ledger: dict | None) -> dict | None:

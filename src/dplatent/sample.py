@@ -8,6 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -137,15 +140,40 @@ def save_npz(path: str | Path, x: np.ndarray, y: np.ndarray, info: dict | None =
     return atomic_write(path, write)
 
 
+def check_target(out_dir: str | Path) -> Path:
+    """An output folder must not exist yet, or be empty (checked before any sampling)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConfigError(f"{out_dir} exists and is not empty; choose another folder")
+    return out_dir
+
+
+def write_class_folders(root: Path, x: np.ndarray, y: np.ndarray, folders: list[str]) -> None:
+    """root/<folders[c]>/<i>.png for row i of class c: 8-bit grey (L) or RGB, exact pixels."""
+    for folder in folders:
+        (root / folder).mkdir(parents=True)
+    for i, (img, c) in enumerate(zip(x, y)):
+        Image.fromarray(img).save(root / folders[int(c)] / f"{i:06d}.png")
+
+
 def save_png_dir(folder: str | Path, x: np.ndarray, y: np.ndarray,
-                 class_names: list[str]) -> None:
-    """One folder per class; 8-bit grey (L) or RGB PNGs with the exact pixel values."""
-    folder = Path(folder)
-    for c in np.unique(y):
-        sub = folder / f"{int(c):02d}_{_safe(class_names[int(c)])}"
-        sub.mkdir(parents=True, exist_ok=True)
-        for i in np.flatnonzero(y == c):
-            Image.fromarray(x[i]).save(sub / f"{i:06d}.png")
+                 class_names: list[str]) -> Path:
+    """One folder per class (`00_name`, ...). Written into a temporary folder beside `folder`
+    and renamed into place, so an interrupted run leaves no partial tree; `folder` must not
+    exist yet or be empty."""
+    folder = check_target(folder)
+    folders = [f"{c:02d}_{_safe(name)}" for c, name in enumerate(class_names)]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        write_class_folders(tmp, x, y, folders)
+        if folder.is_dir():
+            folder.rmdir()  # empty (checked above); a rename cannot replace a folder
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def _safe(name: str) -> str:

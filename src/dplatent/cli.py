@@ -180,12 +180,12 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
     """Draw labelled synthetic images from a trained run (no privacy cost)."""
     import time
 
-    from dplatent.sample import (TrainedRun, check_target, generate, run_fingerprint,
-                                 save_npz, save_png_dir)
+    from dplatent.io import check_empty_target
+    from dplatent.sample import TrainedRun, generate, run_fingerprint, save_npz, save_png_dir
     t = time.time()
     for target in (png_dir, export_dir):
         if target:
-            check_target(target)  # before sampling, which can take long
+            check_empty_target(target)  # before sampling, which can take long
     trained = TrainedRun(run, device=device)
     control = trained.cfg.privacy.non_private_control
     if control:

@@ -23,18 +23,16 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from dplatent import __version__, data
 from dplatent.errors import DataError
-from dplatent.io import read_json, sha256_file, write_json
-from dplatent.sample import check_target, run_fingerprint, write_class_folders
+from dplatent.io import atomic_folder, check_empty_target, read_json, sha256_file, write_json
+from dplatent.sample import run_fingerprint, write_class_folders
 
 CARD = "README.md"
 LEDGER = "privacy.json"
@@ -104,7 +102,7 @@ def export_run(out_dir: str | Path, run_dir: str | Path, npz_path: str | Path, *
     Refuses an existing non-empty `out_dir`; writes into a temporary folder beside it and
     renames it into place at the end. Returns the facts of dplatent.json.
     """
-    out_dir, run_dir, npz_path = check_target(out_dir), Path(run_dir), Path(npz_path)
+    out_dir, run_dir, npz_path = check_empty_target(out_dir), Path(run_dir), Path(npz_path)
     config = read_json(run_dir / "config.json")
     if config is None:
         raise DataError(f"{run_dir}: not a run directory (no config.json)")
@@ -144,20 +142,15 @@ def export_run(out_dir: str | Path, run_dir: str | Path, npz_path: str | Path, *
                   "exported": datetime.datetime.now(datetime.timezone.utc).date().isoformat()},
         "metrics": _metric_facts(evaluation),
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+
+    def fill(tmp: Path) -> None:
         write_class_folders(tmp / SPLIT, synth.x, synth.y, folders)
         if ledger is not None:
             shutil.copyfile(run_dir / LEDGER, tmp / LEDGER)
         write_json(tmp / FACTS, facts)
         (tmp / CARD).write_text(data_card(facts), encoding="utf-8")
-        if out_dir.is_dir():
-            out_dir.rmdir()  # empty (checked above); rename cannot replace a folder
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_folder(out_dir, fill)
     return facts
 
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dplatent.errors import DataError
+from dplatent.errors import ConfigError, DataError
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -29,6 +30,31 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     finally:
         tmp_path.unlink(missing_ok=True)
     return path
+
+
+def check_empty_target(folder: str | Path) -> Path:
+    """An output folder must not exist yet, or be empty (checked before any long work)."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ConfigError(f"{folder} exists and is not empty; choose another folder")
+    return folder
+
+
+def atomic_folder(folder: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Call `fill(tmp_folder)`, then rename the temporary folder onto `folder` (which must not
+    exist or be empty), so an interrupted write leaves no partial tree."""
+    folder = check_empty_target(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        fill(tmp)
+        if folder.is_dir():
+            folder.rmdir()  # empty (checked above); a rename cannot replace a folder
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -8,9 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -25,7 +22,7 @@ from dplatent import device as device_mod  # noqa: E402
 from dplatent.config import RunConfig, from_dict  # noqa: E402
 from dplatent.diffusion.sampler import sample_latents  # noqa: E402
 from dplatent.errors import ConfigError, DplatentError  # noqa: E402
-from dplatent.io import atomic_write, sha256_file  # noqa: E402
+from dplatent.io import atomic_folder, atomic_write, sha256_file  # noqa: E402
 from dplatent.models.autoencoder import Autoencoder  # noqa: E402
 from dplatent.models.denoiser import Denoiser  # noqa: E402
 from dplatent.train.loop import checkpoint_path, load_checkpoint  # noqa: E402
@@ -140,14 +137,6 @@ def save_npz(path: str | Path, x: np.ndarray, y: np.ndarray, info: dict | None =
     return atomic_write(path, write)
 
 
-def check_target(out_dir: str | Path) -> Path:
-    """An output folder must not exist yet, or be empty (checked before any sampling)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ConfigError(f"{out_dir} exists and is not empty; choose another folder")
-    return out_dir
-
-
 def write_class_folders(root: Path, x: np.ndarray, y: np.ndarray, folders: list[str]) -> None:
     """root/<folders[c]>/<i>.png for row i of class c: 8-bit grey (L) or RGB, exact pixels."""
     for folder in folders:
@@ -161,19 +150,8 @@ def save_png_dir(folder: str | Path, x: np.ndarray, y: np.ndarray,
     """One folder per class (`00_name`, ...). Written into a temporary folder beside `folder`
     and renamed into place, so an interrupted run leaves no partial tree; `folder` must not
     exist yet or be empty."""
-    folder = check_target(folder)
     folders = [f"{c:02d}_{_safe(name)}" for c, name in enumerate(class_names)]
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    try:
-        write_class_folders(tmp, x, y, folders)
-        if folder.is_dir():
-            folder.rmdir()  # empty (checked above); a rename cannot replace a folder
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return atomic_folder(folder, lambda tmp: write_class_folders(tmp, x, y, folders))
 
 
 def _safe(name: str) -> str:

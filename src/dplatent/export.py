@@ -32,7 +32,7 @@ import numpy as np
 from dplatent import __version__, data
 from dplatent.errors import DataError
 from dplatent.io import atomic_folder, check_empty_target, read_json, sha256_file, write_json
-from dplatent.sample import run_fingerprint, write_class_folders
+from dplatent.sample import run_fingerprint, safe_name, write_class_folders
 
 CARD = "README.md"
 LEDGER = "privacy.json"
@@ -55,11 +55,7 @@ def folder_names(class_names: list[str]) -> list[str]:
             and sorted(names) == names):
         return names
     width = max(2, len(str(len(names) - 1)))
-    return [f"{i:0{width}d}_{_safe(n)}" for i, n in enumerate(names)]
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")[:48] or "class"
+    return [f"{i:0{width}d}_{safe_name(n)[:48]}" for i, n in enumerate(names)]
 
 
 def privacy_status(config: dict, ledger: dict | None) -> tuple[bool, str]:

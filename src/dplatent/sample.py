@@ -150,11 +150,12 @@ def save_png_dir(folder: str | Path, x: np.ndarray, y: np.ndarray,
     """One folder per class (`00_name`, ...). Written into a temporary folder beside `folder`
     and renamed into place, so an interrupted run leaves no partial tree; `folder` must not
     exist yet or be empty."""
-    folders = [f"{c:02d}_{_safe(name)}" for c, name in enumerate(class_names)]
+    folders = [f"{c:02d}_{safe_name(name)}" for c, name in enumerate(class_names)]
     return atomic_folder(folder, lambda tmp: write_class_folders(tmp, x, y, folders))
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """A class name as a file name: letters and digits kept, the rest '-'."""
     return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-") or "class"
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from dplatent.errors import PrivacyError
 from dplatent.privacy.accounting import DPEvent, epsilon
-from dplatent.privacy.ledger import FILENAME, Ledger, recompute
+from dplatent.privacy.ledger import FILENAME, Ledger, recompute, run_privacy_status
 
 DELTA = 1e-5
 
@@ -149,3 +149,31 @@ def test_non_numeric_budget_in_ledger_is_a_privacy_error_naming_the_file(tmp_pat
         path.write_text(json.dumps({**d, key: value}))
         with pytest.raises(PrivacyError, match=str(path)):
             Ledger.load(tmp_path)
+
+
+PRIVATE_LEDGER = {"private": True, "epsilon": 9.9, "delta": 1e-5}
+CONTROL_LEDGER = {"private": False, "epsilon": None,
+                  "label": "NOT PRIVATE: non-private control run (noise multiplier 0)"}
+
+
+@pytest.mark.parametrize("config, ledger, others, reason", [
+    ({}, None, (), "no privacy ledger"),
+    ({"privacy": {"non_private_control": True}}, PRIVATE_LEDGER, (), "non-private control"),
+    ({"derived": {"private": False}}, PRIVATE_LEDGER, (), "non-private control"),
+    ({}, CONTROL_LEDGER, (), "non-private control run (noise multiplier 0)"),
+    ({}, PRIVATE_LEDGER, ({"private": False},), "non-private control"),
+    ({}, {**PRIVATE_LEDGER, "epsilon": None}, (), "no finite epsilon"),
+    ({}, {**PRIVATE_LEDGER, "epsilon": float("inf")}, (), "no finite epsilon"),
+    ({}, {**PRIVATE_LEDGER, "epsilon": True}, (), "no finite epsilon"),
+    ({}, {**PRIVATE_LEDGER, "epsilon": "9.9"}, (), "no finite epsilon"),
+])
+def test_run_privacy_status_says_not_private_whenever_any_record_does(config, ledger, others,
+                                                                       reason):
+    private, why = run_privacy_status(config, ledger, *others)
+    assert private is False and reason in why and not why.startswith("NOT PRIVATE")
+
+
+def test_run_privacy_status_of_a_private_run():
+    assert run_privacy_status({"privacy": {"non_private_control": False},
+                               "derived": {"private": True}}, PRIVATE_LEDGER,
+                              None, {"private": True}) == (True, "")

@@ -85,6 +85,14 @@ def test_minimal_run_dir_says_what_is_missing(tmp_path):
     assert "No eval.json" in md and "No train_log.jsonl" in md
     assert "No samples.png or synthetic.npz" in md and "8.76" in md
     assert not (tmp_path / "training_curves.png").exists()
+    assert "NOT PRIVATE" not in md
+
+
+def test_run_without_a_ledger_is_reported_not_private_with_the_reason(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"privacy": {}}))
+    md = write_report(tmp_path)[0].read_text()
+    assert md.splitlines()[0].endswith("— NOT PRIVATE")
+    assert "NOT PRIVATE: the run has no privacy ledger (privacy.json)" in md
 
 
 def test_malformed_log_line_is_reported_with_its_line_number(run_dir):

@@ -48,6 +48,7 @@ from dplatent import data as data_mod
 from dplatent.errors import ConfigError, DataError, DplatentError
 from dplatent.io import write_json
 from dplatent.privacy.accounting import NOT_PRIVATE
+from dplatent.privacy.ledger import run_privacy_status
 
 FILENAME = "audit.json"
 FPR_LEVELS = (0.001, 0.01)
@@ -233,9 +234,7 @@ def audit(run_dir: str | Path, data_dir: str | Path | None = None, *, n_members:
         accounted = None if accounted is None else float(accounted)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DplatentError(f"{ledger_path}: unreadable privacy ledger ({exc})") from exc
-    # NOT PRIVATE if any record says so: the config, the ledger's flag, or no finite epsilon.
-    private = (not run.cfg.privacy.non_private_control and ledger.get("private") is not False
-               and accounted is not None and math.isfinite(accounted))
+    private, _ = run_privacy_status(run.cfg.to_dict(), ledger)
     dataset = run.meta["dataset"]
     train = data_mod.load(dataset, "train", data_dir)
     source_records = int(run.meta.get("source_records", run.meta["n"]))

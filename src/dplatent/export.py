@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import re
 import shutil
 from pathlib import Path
@@ -32,10 +31,11 @@ import numpy as np
 from dplatent import __version__, data
 from dplatent.errors import DataError
 from dplatent.io import atomic_folder, check_empty_target, read_json, sha256_file, write_json
+from dplatent.privacy.ledger import FILENAME as LEDGER
+from dplatent.privacy.ledger import run_privacy_status
 from dplatent.sample import run_fingerprint, safe_name, write_class_folders
 
 CARD = "README.md"
-LEDGER = "privacy.json"
 FACTS = "dplatent.json"
 SPLIT = "train"
 NOT_PRIVATE = "NOT PRIVATE"
@@ -56,21 +56,6 @@ def folder_names(class_names: list[str]) -> list[str]:
         return names
     width = max(2, len(str(len(names) - 1)))
     return [f"{i:0{width}d}_{safe_name(n)[:48]}" for i, n in enumerate(names)]
-
-
-def privacy_status(config: dict, ledger: dict | None) -> tuple[bool, str]:
-    """(private?, reason): NOT PRIVATE when the configuration or the ledger says so, or the
-    ledger is missing or holds no finite epsilon."""
-    if ledger is None:
-        return False, "the run has no privacy ledger (privacy.json)"
-    if config.get("privacy", {}).get("non_private_control") or \
-            config.get("derived", {}).get("private") is False or ledger.get("private") is False:
-        label = str(ledger.get("label") or "non-private control run (noise multiplier 0)")
-        return False, label.removeprefix(f"{NOT_PRIVATE}: ")
-    eps = ledger.get("epsilon")
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps):
-        return False, "the privacy ledger holds no finite epsilon"
-    return True, ""
 
 
 def _matching_eval(eval_path: Path | None, npz_sha: str) -> dict | None:
@@ -116,7 +101,7 @@ def export_run(out_dir: str | Path, run_dir: str | Path, npz_path: str | Path, *
                         f"class (sample at least {synth.num_classes} images)")
     sampling = npz_info(npz_path)
     ledger = read_json(run_dir / LEDGER)
-    private, reason = privacy_status(config, ledger)
+    private, reason = run_privacy_status(config, ledger)
     if private and (sampling or {}).get("run_fingerprint") != run_fingerprint(run_dir):
         private, reason = False, (f"{npz_path.name} does not carry this run's model fingerprint, "
                                   f"so it is not known to be drawn from the run's DP models")

@@ -1,8 +1,10 @@
 """Run directory -> report.md and report.html (figures as PNG files beside them).
 
 Reads, each optional: config.json, privacy.json, train_log.jsonl, samples.png, synthetic.npz,
-eval.json, audit.json. A non-private control run (any of config.json, privacy.json or
-audit.json says so) is labelled NOT PRIVATE in the title, first line and privacy sections. The
+eval.json, audit.json. A run that is not private by `privacy.ledger.run_privacy_status` (a
+non-private control by any of config.json, privacy.json or audit.json, or no privacy.json, or no
+finite ε) is labelled NOT PRIVATE, with the reason, in the title, first line and privacy
+sections. The
 report is built as a list of blocks rendered twice, to Markdown and to HTML,
 so both always say the same thing. Every file is written to a temporary name and renamed.
 """
@@ -23,6 +25,7 @@ import numpy as np  # noqa: E402
 from dplatent import data  # noqa: E402
 from dplatent.errors import DataError  # noqa: E402
 from dplatent.io import atomic_write, read_json  # noqa: E402
+from dplatent.privacy.ledger import run_privacy_status  # noqa: E402
 
 CURVES_PNG = "training_curves.png"
 CLASS_GRID_PNG = "synthetic_grid.png"
@@ -229,20 +232,14 @@ def training_summary(log: list[dict]) -> list[tuple[str, ...]]:
     return rows
 
 
-NOT_PRIVATE = ("NOT PRIVATE: non-private control run (noise multiplier 0); no "
-               "differential-privacy guarantee and no ε. Never publish its models or samples.")
+def privacy_status(run: RunFiles) -> tuple[bool, str]:
+    """(private?, reason) from the run's config.json, privacy.json and audit.json."""
+    return run_privacy_status(run.config, run.privacy, run.audit)
 
 
-def not_private(run: RunFiles) -> bool:
-    """True when any file of the run marks it as a non-private control (or the ledger claims
-    no finite ε)."""
-    cfg_privacy = (run.config or {}).get("privacy")
-    if isinstance(cfg_privacy, dict) and cfg_privacy.get("non_private_control") is True:
-        return True
-    for record in (run.privacy, run.audit):
-        if record is not None and record.get("private") is False:
-            return True
-    return run.privacy is not None and run.privacy.get("epsilon") is None
+def not_private_banner(reason: str) -> str:
+    return (f"NOT PRIVATE: {reason}; no differential-privacy guarantee and no ε. Never "
+            "publish its models or samples.")
 
 
 def _eps(value) -> str:
@@ -285,11 +282,12 @@ def audit_blocks(audit: dict, control: bool) -> list[Block]:
 
 
 def build_blocks(run: RunFiles) -> list[Block]:
-    control = not_private(run)
+    private, reason = privacy_status(run)
+    control = not private
     title = f"dplatent run report: {run.run_dir.name}" + (" — NOT PRIVATE" if control else "")
     blocks = [Block("h1", title)]
     if control:
-        blocks.append(Block("p", f"**{NOT_PRIVATE}**"))
+        blocks.append(Block("p", f"**{not_private_banner(reason)}**"))
     blocks.append(Block("h2", "Samples"))
     if run.has_samples_png:
         blocks.append(Block("img", "samples.png"))
@@ -313,7 +311,7 @@ def build_blocks(run: RunFiles) -> list[Block]:
 
     blocks.append(Block("h2", "Privacy ledger"))
     if control:
-        blocks.append(Block("p", f"**{NOT_PRIVATE}**"))
+        blocks.append(Block("p", f"**{not_private_banner(reason)}**"))
     blocks += privacy_blocks(run.privacy) if run.privacy else [Block("p", "No privacy.json.")]
 
     blocks.append(Block("h2", "Privacy audit"))

@@ -24,6 +24,29 @@ from dplatent.privacy.accounting import ACCOUNTANTS, NO_NOISE, NOT_PRIVATE, DPEv
 FILENAME = "privacy.json"
 
 
+def run_privacy_status(config: dict | None, ledger: dict | None,
+                       *records: dict | None) -> tuple[bool, str]:
+    """(private?, reason) of a run from its saved files: the one place that decides whether a
+    run may be presented as differentially private.
+
+    NOT PRIVATE when the ledger is missing, when the configuration is a non-private control
+    (or its derived section says so), when the ledger or any other record (e.g. audit.json)
+    says `"private": false`, or when the ledger holds no finite epsilon. `reason` is empty for
+    a private run."""
+    if ledger is None:
+        return False, f"the run has no privacy ledger ({FILENAME})"
+    config = config or {}
+    if (config.get("privacy") or {}).get("non_private_control") is True \
+            or (config.get("derived") or {}).get("private") is False \
+            or any(r.get("private") is False for r in (ledger, *records) if r is not None):
+        label = str(ledger.get("label") or "non-private control run (noise multiplier 0)")
+        return False, label.removeprefix("NOT PRIVATE: ")
+    eps = ledger.get("epsilon")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
+        return False, "the privacy ledger holds no finite epsilon"
+    return True, ""
+
+
 class Ledger:
     """`target_epsilon=None` marks the ledger of a non-private control run."""
 

@@ -65,6 +65,9 @@ class DiffusionConfig:
     train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     prediction: str = "v"                  # network target: 'v' or 'epsilon'
+    # Start from the exact denoiser of DP class Gaussians of the latents (one Gaussian
+    # mechanism, privacy.gaussian_share of the budget) and learn only the correction.
+    gaussian_base: bool = False
 
     def __post_init__(self) -> None:
         _check(self.hidden > 0 and self.blocks > 0 and self.expansion > 0,
@@ -91,6 +94,9 @@ class PrivacyConfig:
     delta: float = 1e-5
     accountant: str = "prv"                # 'prv' (tighter) or 'rdp'
     autoencoder_share: float = 0.25        # the autoencoder alone gets this share of epsilon
+    # with diffusion.gaussian_base: the autoencoder and the latent Gaussians together get
+    # (autoencoder_share + gaussian_share) of epsilon; the denoiser the rest
+    gaussian_share: float = 0.25
     # True trains both stages with noise multiplier 0 (clipping kept): NOT PRIVATE, no epsilon.
     # Only to show that the privacy audit detects leakage; never the default.
     non_private_control: bool = False
@@ -103,6 +109,7 @@ class PrivacyConfig:
         _check(self.accountant in ("prv", "rdp"),
                f"privacy.accountant must be 'prv' or 'rdp', got {self.accountant!r}")
         _check(0 < self.autoencoder_share < 1, "privacy.autoencoder_share must be in (0, 1)")
+        _check(0 < self.gaussian_share < 1, "privacy.gaussian_share must be in (0, 1)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,6 +145,10 @@ class RunConfig:
         check_device(self.device)
         _check(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
         _check(self.subset >= 0, f"subset must be >= 0 (0 = all records), got {self.subset}")
+        shares = self.privacy.autoencoder_share + self.privacy.gaussian_share
+        _check(not self.diffusion.gaussian_base or shares < 1,
+               f"privacy.autoencoder_share + privacy.gaussian_share = {shares:g} leaves no "
+               "budget for the denoiser; their sum must be below 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,6 +7,10 @@ Inputs may carry an extra axis of K noise draws per example ([B, K, D]): Linear 
 as a sequence, and the per-example gradient covers all K draws.
 
 Label index `num_classes` is the null label used for classifier-free guidance.
+
+With a `base` (diffusion/gaussian_base.py: the exact denoiser of the DP class Gaussians) the
+network's output is added to the base's, and the output layer starts at zero, so training
+starts from the Gaussian model and learns only the correction.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ class Denoiser(nn.Module):
     """Predicts the noise epsilon from (noisy latent, timestep, label)."""
 
     def __init__(self, *, dim: int, num_classes: int, hidden: int, blocks: int, expansion: int,
-                 time_dim: int = 128):
+                 time_dim: int = 128, base: nn.Module | None = None):
         super().__init__()
         self.dim, self.num_classes, self.time_dim = dim, num_classes, time_dim
         self.inp = nn.Linear(dim, hidden)
@@ -54,6 +58,10 @@ class Denoiser(nn.Module):
         self.blocks = nn.ModuleList(ResBlock(hidden, expansion) for _ in range(blocks))
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False)
         self.out = nn.Linear(hidden, dim)
+        self.base = base
+        if base is not None:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
     @property
     def null_label(self) -> int:
@@ -66,4 +74,5 @@ class Denoiser(nn.Module):
         h = self.inp(z)
         for block in self.blocks:
             h = block(h, cond)
-        return self.out(F.silu(self.norm(h)))
+        out = self.out(F.silu(self.norm(h)))
+        return out if self.base is None else out + self.base(z, t, y)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from dplatent.config import RunConfig
+from dplatent.diffusion.gaussian_base import SENSITIVITY as GAUSSIAN_SENSITIVITY
 from dplatent.errors import PrivacyError
 
 MECHANISM = "poisson_subsampled_gaussian"
@@ -28,6 +29,9 @@ NOT_PRIVATE = ("NOT PRIVATE: non-private control run (noise multiplier 0); "
 ACCOUNTANTS = {"prv": "Opacus PRV accountant (Gopi et al. 2021)",
                "rdp": "Opacus RDP accountant (Mironov 2017)"}
 SIGMA_MAX = 1e4
+# With diffusion.gaussian_base: one Gaussian mechanism on the normalised moment sums of all
+# latents (diffusion/gaussian_base.py), i.e. sample rate 1, one step, clip norm = sensitivity.
+GAUSSIAN_STAGE = "latent_gaussian"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,11 +202,12 @@ def training_records(n: int, cfg: RunConfig) -> int:
 
 
 def plan(n: int, cfg: RunConfig) -> PrivacyPlan:
-    """Noise multipliers for both stages from public quantities only.
+    """Noise multipliers for every stage from public quantities only: the autoencoder, the
+    latent Gaussians when `diffusion.gaussian_base` is set, and the denoiser.
 
     `n` is the size of the training split; the accounting uses the records actually trained
     on (`training_records`). A non-private control (`privacy.non_private_control`) gets noise
-    multiplier 0 in both stages, no target and an infinite epsilon."""
+    multiplier 0 in every stage, no target and an infinite epsilon."""
     p = cfg.privacy
     source, n = n, training_records(n, cfg)
     if p.delta >= 1.0 / n:
@@ -215,7 +220,8 @@ def plan(n: int, cfg: RunConfig) -> PrivacyPlan:
         specs.append((name, sc.batch_size, sc.batch_size / n,
                       steps_for(sc.epochs, n, sc.batch_size), sc.clip_norm))
 
-    (n1, b1, q1, t1, c1), (n2, b2, q2, t2, c2) = specs
+    if cfg.diffusion.gaussian_base:  # one Gaussian mechanism on all records: q = 1, 1 step
+        specs.insert(1, (GAUSSIAN_STAGE, n, 1.0, 1, GAUSSIAN_SENSITIVITY))
     if p.non_private_control:
         stages = tuple(StagePlan(stage=name, batch_size=b, sample_rate=q, steps=t,
                                  noise_multiplier=0.0, clip_norm=c, mechanism=NO_NOISE,
@@ -224,19 +230,24 @@ def plan(n: int, cfg: RunConfig) -> PrivacyPlan:
                            stages=stages, epsilon=epsilon([s.event() for s in stages], p.delta,
                                                           p.accountant),
                            private=False, source_records=source)
-    eps1 = p.epsilon * p.autoencoder_share
-    sigma1 = calibrate_sigma(target_epsilon=eps1, delta=p.delta, prior=[], stage=n1,
-                             sample_rate=q1, steps=t1, clip_norm=c1, accountant=p.accountant)
-    ev1 = DPEvent(stage=n1, noise_multiplier=sigma1, sample_rate=q1, steps=t1, clip_norm=c1)
-    sigma2 = calibrate_sigma(target_epsilon=p.epsilon, delta=p.delta, prior=[ev1], stage=n2,
-                             sample_rate=q2, steps=t2, clip_norm=c2, accountant=p.accountant)
-    ev2 = DPEvent(stage=n2, noise_multiplier=sigma2, sample_rate=q2, steps=t2, clip_norm=c2)
+    # Cumulative targets: the autoencoder alone gets autoencoder_share; with the latent
+    # Gaussians, both together get autoencoder_share + gaussian_share; the last stage the rest.
+    targets = [p.epsilon * p.autoencoder_share]
+    if cfg.diffusion.gaussian_base:
+        targets.append(p.epsilon * (p.autoencoder_share + p.gaussian_share))
+    targets.append(p.epsilon)
+    events: list[DPEvent] = []
+    for (name, _, q, t, c), target in zip(specs, targets):
+        sigma = calibrate_sigma(target_epsilon=target, delta=p.delta, prior=events, stage=name,
+                                sample_rate=q, steps=t, clip_norm=c, accountant=p.accountant)
+        events.append(DPEvent(stage=name, noise_multiplier=sigma, sample_rate=q, steps=t,
+                              clip_norm=c))
     stages = tuple(
-        StagePlan(stage=ev.stage, batch_size=b, sample_rate=ev.sample_rate, steps=ev.steps,
-                  noise_multiplier=ev.noise_multiplier, clip_norm=ev.clip_norm,
+        StagePlan(stage=ev.stage, batch_size=spec[1], sample_rate=ev.sample_rate,
+                  steps=ev.steps, noise_multiplier=ev.noise_multiplier, clip_norm=ev.clip_norm,
                   epsilon_alone=epsilon([ev], p.delta, p.accountant))
-        for ev, b in ((ev1, b1), (ev2, b2)))
-    total = epsilon([ev1, ev2], p.delta, p.accountant)
+        for ev, spec in zip(events, specs))
+    total = epsilon(events, p.delta, p.accountant)
     if total > p.epsilon:
         raise PrivacyError(f"calibration failed: composed epsilon {total} > {p.epsilon}")
     return PrivacyPlan(accountant=p.accountant, target_epsilon=p.epsilon, delta=p.delta, n=n,

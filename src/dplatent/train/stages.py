@@ -2,6 +2,8 @@
 
 stage 1: DP autoencoder on private images          -> ledger entry 'autoencoder'
          frozen encoder maps private images to latents (private; kept in memory only)
+(with diffusion.gaussian_base)
+         DP class Gaussians of the latents          -> ledger entry 'latent_gaussian'
 stage 2: DP class-conditional denoiser on latents  -> ledger entry 'diffusion'
 """
 
@@ -19,16 +21,18 @@ from dplatent import data as data_mod
 from dplatent import device as device_mod
 from dplatent import runtime
 from dplatent.config import RunConfig
+from dplatent.diffusion import gaussian_base
 from dplatent.diffusion.loss import denoising_loss
 from dplatent.diffusion.schedule import alphas_cumprod
-from dplatent.errors import ConfigError
-from dplatent.io import write_json
+from dplatent.errors import ConfigError, PrivacyError
+from dplatent.io import atomic_write, write_json
 from dplatent.models.autoencoder import Autoencoder, latent_shape, reconstruction_loss
 from dplatent.models.denoiser import Denoiser
-from dplatent.privacy.accounting import PrivacyPlan, plan as make_plan
+from dplatent.privacy.accounting import GAUSSIAN_STAGE, PrivacyPlan, plan as make_plan
+from dplatent.privacy.ledger import FILENAME as LEDGER
 from dplatent.privacy.ledger import Ledger
 from dplatent.train import distributed
-from dplatent.train.loop import StageSettings, train_stage
+from dplatent.train.loop import StageSettings, checkpoint_path, load_checkpoint, train_stage
 
 
 def build_autoencoder(cfg: RunConfig, channels: int, image_size: int) -> Autoencoder:
@@ -37,10 +41,20 @@ def build_autoencoder(cfg: RunConfig, channels: int, image_size: int) -> Autoenc
                        latent_channels=a.latent_channels)
 
 
-def build_denoiser(cfg: RunConfig, dim: int, num_classes: int) -> Denoiser:
+def build_denoiser(cfg: RunConfig, dim: int, num_classes: int,
+                   gaussians: tuple[torch.Tensor, torch.Tensor] | None = None) -> Denoiser:
+    """With `diffusion.gaussian_base`, the denoiser carries the Gaussian base: set from
+    `gaussians` (means, covariances) when given, else left to a checkpoint to fill."""
     d = cfg.diffusion
+    base = None
+    if d.gaussian_base:
+        base = gaussian_base.GaussianBase(
+            num_classes=num_classes, dim=dim, prediction=d.prediction,
+            alphas_cumprod=alphas_cumprod(d.train_timesteps, d.beta_schedule))
+        if gaussians is not None:
+            base.set_gaussians(*gaussians)
     return Denoiser(dim=dim, num_classes=num_classes, hidden=d.hidden, blocks=d.blocks,
-                    expansion=d.expansion)
+                    expansion=d.expansion, base=base)
 
 
 def train_autoencoder(images: torch.Tensor, cfg: RunConfig, plan: PrivacyPlan, ledger: Ledger,
@@ -65,11 +79,49 @@ def encode(ae: Autoencoder, images: torch.Tensor, batch_size: int = 2000) -> tor
                       for i in range(0, len(images), batch_size)])
 
 
+def check_release_kept(run_dir: Path) -> None:
+    """Before a resumed run rewrites its ledger: a release the ledger records must still be on
+    disk, since releasing the latent Gaussians again would read the private data a second
+    time outside the budget."""
+    path = checkpoint_path(run_dir, GAUSSIAN_STAGE)
+    if (run_dir / LEDGER).is_file() and not path.is_file() \
+            and Ledger.load(run_dir).steps(GAUSSIAN_STAGE):
+        raise PrivacyError(f"{run_dir}: the ledger records a release of the latent Gaussians "
+                           f"but {path} is missing; releasing them again would read the "
+                           "private data outside the budget. Start a new run.")
+
+
+def release_gaussians(latents: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                      cfg: RunConfig, plan: PrivacyPlan, ledger: Ledger,
+                      run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DP class Gaussians of the latents (means, covariances), released once per run: the
+    release is saved (ledger entry first, then the file), and a resumed run loads it instead
+    of reading the private data again (`check_release_kept` guards a lost file)."""
+    path = checkpoint_path(run_dir, GAUSSIAN_STAGE)
+    stage = plan.stage(GAUSSIAN_STAGE)
+    if path.is_file():
+        ck = load_checkpoint(path)
+        ledger.record(stage.event(steps=1))
+        return ck["means"], ck["covs"]
+    gen = torch.Generator().manual_seed(cfg.seed * 2 + 7)  # the same draw on every process
+    sums = gaussian_base.release(latents, labels, num_classes, stage.noise_multiplier, gen)
+    means, covs = gaussian_base.gaussians(sums)
+    ledger.record(stage.event(steps=1))
+    if distributed.is_main():
+        ledger.save(run_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda p: torch.save({"means": means, "covs": covs}, p))
+    distributed.barrier()
+    return means, covs
+
+
 def train_diffusion(latents: torch.Tensor, labels: torch.Tensor, num_classes: int,
                     cfg: RunConfig, plan: PrivacyPlan, ledger: Ledger, run_dir: Path,
-                    progress: bool = True) -> Denoiser:
+                    progress: bool = True,
+                    gaussians: tuple[torch.Tensor, torch.Tensor] | None = None) -> Denoiser:
     d = cfg.diffusion
-    model = build_denoiser(cfg, latents.shape[1], num_classes).to(latents.device)
+    model = build_denoiser(cfg, latents.shape[1], num_classes,
+                           gaussians).to(latents.device)
     acp = alphas_cumprod(d.train_timesteps, d.beta_schedule).to(latents.device)
 
     def loss_fn(module, idx, gen):
@@ -113,6 +165,7 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
     device = device_mod.resolve(cfg.device)
     if resume:
         _check_resume_device(run_dir, device)
+        check_release_kept(run_dir)
     source_records = len(private)
     plan = make_plan(source_records, cfg)  # accounts for the records trained on (plan.n)
     if cfg.subset:
@@ -149,8 +202,10 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
     timings["autoencoder_s"] = time.time() - t
     t = time.time()
     latents = encode(ae, images)
+    gaussians = (release_gaussians(latents, labels, private.num_classes, cfg, plan, ledger,
+                                   run_dir) if cfg.diffusion.gaussian_base else None)
     den = train_diffusion(latents, labels, private.num_classes, cfg, plan, ledger, run_dir,
-                          progress)
+                          progress, gaussians)
     timings["diffusion_s"] = time.time() - t
     del latents, images
     if main:

@@ -1,0 +1,138 @@
+"""A DP class-conditional Gaussian in latent space, and the exact denoiser it implies.
+
+Release (one Gaussian mechanism on the private latents, recorded in the ledger as stage
+`latent_gaussian`: sample rate 1, one step):
+  every latent is scaled to L2 norm at most R = sqrt(D - 1) (the encoder's per-example
+  standardisation already gives exactly R; the bound makes the sensitivity hold whatever the
+  encoder does), and contributes, to its own class c only,
+      z / R          to the class's first-moment sum,
+      1              to the class's count,
+      z z^T / R^2    to the class's second-moment sum (Frobenius norm <= 1).
+  Adding or removing one record changes the concatenation of all these sums by an L2 norm of
+  at most SENSITIVITY = sqrt(3), and Gaussian noise of std sigma * sqrt(3) is added to every
+  coordinate. Everything after that (means, covariances, projection onto positive
+  semi-definite matrices) is post-processing.
+
+Use: `GaussianBase` is the exact v- (or epsilon-) predictor for data drawn from N(mu_y, S_y).
+The denoiser adds its learned output to it (models/denoiser.py), so DP-SGD starts from the DP
+Gaussian model and only learns what the Gaussian misses (a warm start in the spirit of
+DP-FETA, which warms up on noisy statistics of the private data). The null label of
+classifier-free guidance gets the moment-matched Gaussian of the balanced class mixture.
+Measured on MNIST (BENCHMARKS.md): these Gaussians alone, decoded, already give downstream
+accuracy close to the autoencoder's ceiling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SENSITIVITY = math.sqrt(3.0)   # L2 sensitivity of the normalised sums under add/remove
+EIG_FLOOR = 1e-3               # covariance eigenvalues are clipped to at least this
+
+
+@dataclass(frozen=True)
+class NoisySums:
+    """The released (noisy) sums, per class: first moment [C, D], count [C], second
+    moment [C, D, D], all in the normalised units of the module docstring."""
+
+    first: torch.Tensor
+    count: torch.Tensor
+    second: torch.Tensor
+    radius: float
+
+
+def bound_norm(z: torch.Tensor, radius: float) -> torch.Tensor:
+    """Scale each row down to L2 norm <= radius (rows already inside are unchanged)."""
+    norms = z.norm(dim=1, keepdim=True)
+    return z * torch.clamp(radius / norms.clamp_min(1e-12), max=1.0)
+
+
+def class_sums(z: torch.Tensor, y: torch.Tensor, num_classes: int,
+               radius: float) -> NoisySums:
+    """Exact normalised sums per class (private: never returned outside `release`)."""
+    u = bound_norm(z.double(), radius) / radius
+    onehot = torch.nn.functional.one_hot(y.long(), num_classes).double()
+    second = torch.stack([u[y == c].T @ u[y == c] for c in range(num_classes)])
+    return NoisySums(first=onehot.T @ u, count=onehot.sum(0), second=second, radius=radius)
+
+
+def add_noise(sums: NoisySums, noise_multiplier: float,
+              generator: torch.Generator) -> NoisySums:
+    """The Gaussian mechanism: std noise_multiplier * SENSITIVITY on every coordinate."""
+    std = noise_multiplier * SENSITIVITY
+
+    def noisy(t: torch.Tensor) -> torch.Tensor:
+        return t + std * torch.randn(t.shape, generator=generator, dtype=t.dtype)
+
+    return NoisySums(first=noisy(sums.first), count=noisy(sums.count),
+                     second=noisy(sums.second), radius=sums.radius)
+
+
+def release(z: torch.Tensor, y: torch.Tensor, num_classes: int, noise_multiplier: float,
+            generator: torch.Generator) -> NoisySums:
+    """The only function here that reads private data: latents [N, D] and labels [N] ->
+    the noisy sums. The caller records the ledger event (privacy/accounting.py)."""
+    radius = math.sqrt(max(z.shape[1] - 1, 1))
+    return add_noise(class_sums(z.cpu(), y.cpu(), num_classes, radius), noise_multiplier,
+                     generator)
+
+
+def gaussians(sums: NoisySums) -> tuple[torch.Tensor, torch.Tensor]:
+    """Post-processing: means [C+1, D] and PSD covariances [C+1, D, D] in latent units; row C
+    is the moment-matched Gaussian of the balanced mixture (the null label)."""
+    r = sums.radius
+    count = sums.count.clamp_min(1.0)[:, None]
+    means = sums.first / count * r
+    second = sums.second / count[..., None] * r * r
+    second = (second + second.transpose(1, 2)) / 2
+    covs = psd(second - torch.einsum("ci,cj->cij", means, means))
+    mix_mean = means.mean(0)
+    mix_second = (covs + torch.einsum("ci,cj->cij", means, means)).mean(0)
+    mix_cov = psd(mix_second - torch.outer(mix_mean, mix_mean))
+    return torch.cat([means, mix_mean[None]]), torch.cat([covs, mix_cov[None]])
+
+
+def psd(m: torch.Tensor) -> torch.Tensor:
+    """Nearest symmetric matrix with eigenvalues >= EIG_FLOOR (batched)."""
+    evals, evecs = torch.linalg.eigh((m + m.transpose(-1, -2)) / 2)
+    return evecs @ torch.diag_embed(evals.clamp_min(EIG_FLOOR)) @ evecs.transpose(-1, -2)
+
+
+class GaussianBase(nn.Module):
+    """Exact denoiser for z0 ~ N(mu_y, S_y) under z_t = sqrt(a) z0 + sqrt(1 - a) eps:
+    E[z0 | z_t] = mu + sqrt(a) S (a S + (1 - a) I)^-1 (z_t - sqrt(a) mu), computed in S's
+    eigenbasis. Buffers only: nothing here is trained."""
+
+    def __init__(self, *, num_classes: int, dim: int, alphas_cumprod: torch.Tensor,
+                 prediction: str):
+        super().__init__()
+        self.prediction = prediction
+        self.register_buffer("means", torch.zeros(num_classes + 1, dim))
+        self.register_buffer("evals", torch.ones(num_classes + 1, dim))
+        self.register_buffer("evecs", torch.eye(dim).repeat(num_classes + 1, 1, 1))
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float().clone())
+
+    @torch.no_grad()
+    def set_gaussians(self, means: torch.Tensor, covs: torch.Tensor) -> None:
+        evals, evecs = torch.linalg.eigh(covs.double())
+        self.means.copy_(means)
+        self.evals.copy_(evals.clamp_min(EIG_FLOOR))
+        self.evecs.copy_(evecs)
+
+    def denoised(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """E[z0 | z_t, y]; z: [..., D], t and y: [...]."""
+        a = self.alphas_cumprod[t].unsqueeze(-1)
+        mu, lam, vec = self.means[y], self.evals[y], self.evecs[y]
+        u = torch.einsum("...ji,...j->...i", vec, z - a.sqrt() * mu)
+        u = u * (a.sqrt() * lam / (a * lam + 1 - a))
+        return mu + torch.einsum("...ij,...j->...i", vec, u)
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod[t].unsqueeze(-1)
+        z0 = self.denoised(z, t, y)
+        eps = (z - a.sqrt() * z0) / (1 - a).sqrt()
+        return eps if self.prediction == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * z0

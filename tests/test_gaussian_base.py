@@ -1,0 +1,196 @@
+"""DP class Gaussians of the latents and the exact Gaussian denoiser (diffusion/gaussian_base):
+sensitivity of the release, noise scale, recovery without noise, PSD output, the posterior mean
+against the direct formula, sampling a Gaussian through DDIM, the accounting of the release,
+and that a resumed run never releases twice."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+import torch
+
+from dplatent import config
+from dplatent.diffusion import gaussian_base as gb
+from dplatent.diffusion.sampler import sample_latents
+from dplatent.diffusion.schedule import alphas_cumprod
+from dplatent.errors import ConfigError, PrivacyError
+from dplatent.models.denoiser import Denoiser
+from dplatent.privacy.accounting import GAUSSIAN_STAGE, epsilon, plan
+from dplatent.train.stages import train
+
+from conftest import train_smoke, write_synthetic_npz
+
+
+def _flat(s: gb.NoisySums) -> torch.Tensor:
+    return torch.cat([s.first.flatten(), s.count.flatten(), s.second.flatten()])
+
+
+def test_one_record_moves_the_sums_by_at_most_the_sensitivity():
+    g = torch.Generator().manual_seed(0)
+    z = 30 * torch.randn(50, 6, generator=g)         # far outside the norm bound
+    y = torch.randint(0, 3, (50,), generator=g)
+    radius = math.sqrt(5)
+    full = _flat(gb.class_sums(z, y, 3, radius))
+    for i in range(50):
+        keep = torch.arange(50) != i
+        moved = (full - _flat(gb.class_sums(z[keep], y[keep], 3, radius))).norm()
+        assert moved <= gb.SENSITIVITY * (1 + 1e-9)
+    # a record exactly on the bound moves them by exactly the sensitivity
+    on = torch.zeros(1, 6, dtype=torch.float64)
+    on[0, 0] = radius
+    assert _flat(gb.class_sums(on, torch.tensor([1]), 3, radius)).norm().item() == \
+        pytest.approx(gb.SENSITIVITY)
+
+
+def test_noise_has_std_sigma_times_sensitivity():
+    zero = gb.NoisySums(first=torch.zeros(10, 40, dtype=torch.float64),
+                        count=torch.zeros(10, dtype=torch.float64),
+                        second=torch.zeros(10, 40, 40, dtype=torch.float64), radius=1.0)
+    noisy = _flat(gb.add_noise(zero, 2.5, torch.Generator().manual_seed(1)))
+    assert noisy.std().item() == pytest.approx(2.5 * math.sqrt(3), rel=0.03)
+    assert abs(noisy.mean().item()) < 0.05
+
+
+def _latents(n: int, d: int, classes: int, seed: int):
+    """Latents on the sphere of radius sqrt(d - 1), as the encoder's standardisation gives."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    z = torch.randn(n, d, generator=g, dtype=torch.float64) + 2 * torch.eye(classes, d)[y]
+    return z / z.norm(dim=1, keepdim=True) * math.sqrt(d - 1), y
+
+
+def test_without_noise_the_gaussians_are_the_class_moments():
+    z, y = _latents(600, 5, 3, seed=2)
+    sums = gb.release(z, y, 3, noise_multiplier=0.0, generator=torch.Generator())
+    means, covs = gb.gaussians(sums)
+    assert means.shape == (4, 5) and covs.shape == (4, 5, 5)
+    for c in range(3):
+        zc = z[y == c].numpy()
+        np.testing.assert_allclose(means[c].numpy(), zc.mean(0), atol=1e-9)
+        np.testing.assert_allclose(covs[c].numpy(), np.cov(zc.T, bias=True), atol=1e-9)
+    # the null label: the balanced mixture's mean and covariance
+    np.testing.assert_allclose(means[3].numpy(), means[:3].mean(0).numpy(), atol=1e-12)
+    mix = (covs[:3] + torch.einsum("ci,cj->cij", means[:3], means[:3])).mean(0) \
+        - torch.outer(means[3], means[3])
+    np.testing.assert_allclose(covs[3].numpy(), mix.numpy(), atol=1e-9)
+
+
+def test_covariances_stay_positive_definite_under_heavy_noise():
+    z, y = _latents(30, 8, 2, seed=3)
+    sums = gb.release(z, y, 2, noise_multiplier=50.0, generator=torch.Generator().manual_seed(4))
+    _, covs = gb.gaussians(sums)
+    evals = torch.linalg.eigvalsh(covs)
+    assert (evals >= gb.EIG_FLOOR * (1 - 1e-6)).all()
+    assert torch.allclose(covs, covs.transpose(1, 2))
+
+
+def _base(means, covs, timesteps=1000, prediction="v"):
+    base = gb.GaussianBase(num_classes=len(means) - 1, dim=means.shape[1], prediction=prediction,
+                           alphas_cumprod=alphas_cumprod(timesteps, "squaredcos_cap_v2"))
+    base.set_gaussians(means, covs)
+    return base
+
+
+def _random_gaussians(classes: int, d: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(classes + 1, d, generator=g)
+    a = torch.randn(classes + 1, d, d, generator=g)
+    covs = a @ a.transpose(1, 2) / d + 0.1 * torch.eye(d)
+    return means, covs
+
+
+@pytest.mark.parametrize("prediction", ["v", "epsilon"])
+def test_base_is_the_posterior_mean_of_the_direct_formula(prediction):
+    means, covs = _random_gaussians(3, 4, seed=5)
+    base = _base(means, covs, prediction=prediction)
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(8, 2, 4, generator=g)
+    t = torch.randint(0, 1000, (8, 2), generator=g)
+    y = torch.randint(0, 4, (8, 2), generator=g)
+    acp = alphas_cumprod(1000, "squaredcos_cap_v2").double()
+    got = base(z, t, y).double()
+    for i in range(8):
+        for k in range(2):
+            a, mu, s = acp[t[i, k]], means[y[i, k]].double(), covs[y[i, k]].double()
+            zt = z[i, k].double()
+            z0 = mu + a.sqrt() * s @ torch.linalg.solve(a * s + (1 - a) * torch.eye(4),
+                                                        zt - a.sqrt() * mu)
+            eps = (zt - a.sqrt() * z0) / (1 - a).sqrt()
+            want = eps if prediction == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * z0
+            torch.testing.assert_close(got[i, k], want, atol=2e-4, rtol=1e-4)
+
+
+def test_denoiser_with_a_base_starts_as_the_base_and_samples_the_gaussians():
+    torch.manual_seed(0)
+    means, covs = _random_gaussians(2, 3, seed=7)
+    base = _base(means, covs)
+    den = Denoiser(dim=3, num_classes=2, hidden=16, blocks=1, expansion=2, base=base)
+    z, t, y = torch.randn(5, 3), torch.randint(0, 1000, (5,)), torch.randint(0, 3, (5,))
+    assert torch.equal(den(z, t, y), base(z, t, y))
+    labels = np.repeat([0, 1], 3000)
+    out = sample_latents(den, labels, dim=3, seed=0, steps=50, guidance=1.0, null_label=2,
+                         train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                         progress=False).double()
+    for c in (0, 1):
+        zc = out[torch.from_numpy(labels == c)]
+        torch.testing.assert_close(zc.mean(0), means[c].double(), atol=0.08, rtol=0)
+        torch.testing.assert_close(torch.cov(zc.T), covs[c].double(), atol=0.12, rtol=0.1)
+
+
+def test_plan_gives_the_release_its_share_and_the_gaussian_mechanism_epsilon():
+    cfg = config.resolve("quick", {"diffusion.gaussian_base": "true",
+                                   "privacy.autoencoder_share": "0.2",
+                                   "privacy.gaussian_share": "0.3"})
+    p = plan(60000, cfg)
+    assert [s.stage for s in p.stages] == ["autoencoder", GAUSSIAN_STAGE, "diffusion"]
+    g = p.stage(GAUSSIAN_STAGE)
+    assert (g.sample_rate, g.steps, g.clip_norm) == (1.0, 1, pytest.approx(math.sqrt(3)))
+    pld = dp_accounting.pld.PLDAccountant()
+    pld.compose(dp_accounting.GaussianDpEvent(g.noise_multiplier))
+    assert g.epsilon_alone == pytest.approx(pld.get_epsilon(1e-5), abs=0.03)
+    first_two = epsilon([p.stages[0].event(), g.event()], 1e-5)
+    assert 0.5 * 10 * 0.99 <= first_two <= 0.5 * 10
+    assert 9.9 <= p.epsilon <= 10
+
+
+def test_shares_leaving_nothing_for_the_denoiser_are_refused():
+    with pytest.raises(ConfigError, match="gaussian_share"):
+        config.resolve("quick", {"diffusion.gaussian_base": "true",
+                                 "privacy.autoencoder_share": "0.5",
+                                 "privacy.gaussian_share": "0.5"})
+    config.resolve("quick", {"privacy.autoencoder_share": "0.5",
+                             "privacy.gaussian_share": "0.5"})  # unused without the base
+
+
+def test_resume_loads_the_release_and_a_lost_release_is_refused(tmp_path, single_thread):
+    npz = write_synthetic_npz(tmp_path / "d.npz", 300, seed=0)
+    run = train_smoke(npz, tmp_path / "run", **{"diffusion.gaussian_base": "true"})
+    ledger = json.loads((run / "privacy.json").read_text())
+    assert [e["stage"] for e in ledger["entries"]] == ["autoencoder", GAUSSIAN_STAGE,
+                                                       "diffusion"]
+    released = torch.load(run / "checkpoints" / f"{GAUSSIAN_STAGE}.pt")
+    den = torch.load(run / "checkpoints" / "diffusion.pt")["model"]
+    torch.testing.assert_close(den["base.means"], released["means"].float())
+
+    # a finished run resumed: the same release, the same ledger
+    (run / "checkpoints" / "diffusion.pt").unlink()
+    cfg = config.resolve("smoke", {"privacy.accountant": "rdp", "privacy.delta": "1e-3",
+                                   "threads": "1", "diffusion.gaussian_base": "true"})
+    train(dataset=str(npz), data_dir=None, cfg=cfg, run_dir=run, resume=True, progress=False)
+    again = torch.load(run / "checkpoints" / f"{GAUSSIAN_STAGE}.pt")
+    assert torch.equal(again["means"], released["means"])
+    assert json.loads((run / "privacy.json").read_text())["epsilon"] == \
+        pytest.approx(ledger["epsilon"])
+
+    # the release is recorded but its file is gone: never released a second time
+    (run / "checkpoints" / f"{GAUSSIAN_STAGE}.pt").unlink()
+    (run / "checkpoints" / "diffusion.pt").unlink()
+    with pytest.raises(PrivacyError, match="outside the budget"):
+        train(dataset=str(npz), data_dir=None, cfg=cfg, run_dir=run, resume=True,
+              progress=False)
+    kept = json.loads((run / "privacy.json").read_text())  # the refusal rewrote nothing
+    assert GAUSSIAN_STAGE in [e["stage"] for e in kept["entries"]]

@@ -83,7 +83,7 @@ def plan(dataset: DatasetOpt = "mnist",
         typer.echo(NOT_PRIVATE_BANNER, err=True)
         typer.echo(f"NOT PRIVATE: noise multiplier 0, no epsilon; delta={p.delta:g} n={p.n}")
         for s in p.stages:
-            typer.echo(f"  {s.stage:12s} sigma=0 (NOT PRIVATE) q={s.sample_rate:.5f} "
+            typer.echo(f"  {s.stage:15s} sigma=0 (NOT PRIVATE) q={s.sample_rate:.5f} "
                        f"steps={s.steps} C={s.clip_norm:g} batch={s.batch_size}")
         typer.echo("composed epsilon: none (NOT PRIVATE)")
         return
@@ -92,7 +92,7 @@ def plan(dataset: DatasetOpt = "mnist",
     subset = f" (random subset of {p.source_records})" if p.source_records != p.n else ""
     typer.echo(f"budget: epsilon={p.target_epsilon:g} delta={p.delta:g} n={p.n}{subset}")
     for s in p.stages:
-        typer.echo(f"  {s.stage:12s} sigma={s.noise_multiplier:.4f} q={s.sample_rate:.5f} "
+        typer.echo(f"  {s.stage:15s} sigma={s.noise_multiplier:.4f} q={s.sample_rate:.5f} "
                    f"steps={s.steps} C={s.clip_norm:g} batch={s.batch_size} "
                    f"epsilon_alone={s.epsilon_alone:.3f}")
     typer.echo(f"composed epsilon: {p.epsilon:.4f} (target {p.target_epsilon:g})")

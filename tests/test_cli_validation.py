@@ -252,3 +252,17 @@ def test_mismatched_run_files_are_refused_by_sample(damage, tiny_run, tmp_path, 
     code, _, err = run_main(["sample", "--run", str(run), "--num", "10", "--out",
                              str(tmp_path / "s.npz"), "--no-progress"], monkeypatch, capsys)
     assert_one_line_error(code, err, "config.json and checkpoints do not form a valid run")
+
+
+def test_sampled_npz_carries_the_runs_epsilon(tiny_run, tmp_path, monkeypatch, capsys):
+    import json
+
+    from dplatent.export import npz_info
+    code, _, err = run_main(["sample", "--run", str(tiny_run), "--num", "10", "--out",
+                             str(tmp_path / "s.npz"), "--no-progress"], monkeypatch, capsys)
+    assert code == 0, err
+    ledger = json.loads((tiny_run / "privacy.json").read_text())
+    info = npz_info(tmp_path / "s.npz")
+    assert (info["private"], info["epsilon"], info["delta"]) == \
+        (True, ledger["epsilon"], ledger["delta"])
+    assert "label" not in info

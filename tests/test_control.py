@@ -266,6 +266,10 @@ def test_sample_audit_and_resume_of_a_control_run(control_run, tmp_path, monkeyp
                              str(tmp_path / "s.npz"), "--no-progress"], monkeypatch, capsys)
     assert code == 0, se
     assert "NOT PRIVATE" in se and "NOT PRIVATE" in so
+    from dplatent.export import npz_info
+    info = npz_info(tmp_path / "s.npz")  # the npz itself says so too
+    assert info["private"] is False and info["label"].startswith("NOT PRIVATE: ")
+    assert "epsilon" not in info
     from dplatent.audit import audit_command
     result = audit_command(out, None, 50, 50, 0, tmp_path / "audit.json", threads=1)
     printed = capsys.readouterr().out

@@ -194,7 +194,7 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
     s = trained.cfg.sampling
     info = {"seed": seed, "guidance": s.guidance if guidance is None else guidance,
             "steps": s.steps if steps is None else steps, "sampler": s.sampler,
-            "run_fingerprint": run_fingerprint(run)}
+            "run_fingerprint": run_fingerprint(run), **_privacy_info(run)}
     path = save_npz(out or run / "synthetic.npz", x, y, info=info)
     if png_dir:
         save_png_dir(png_dir, x, y, trained.meta["class_names"])
@@ -202,6 +202,18 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
         _echo_export(export_dir, run, path)
     typer.echo(f"wrote {len(y)} samples to {path} in {time.time() - t:.1f}s"
                + (" (NOT PRIVATE: non-private control run)" if control else ""))
+
+
+def _privacy_info(run: Path) -> dict:
+    """What the npz says about its privacy: (epsilon, delta) of the run's ledger, or the NOT
+    PRIVATE label with its reason."""
+    from dplatent.io import read_json
+    from dplatent.privacy.ledger import FILENAME, run_privacy_status
+    ledger = read_json(run / FILENAME)
+    private, reason = run_privacy_status(read_json(run / "config.json"), ledger)
+    if private:
+        return {"private": True, "epsilon": ledger["epsilon"], "delta": ledger["delta"]}
+    return {"private": False, "label": f"NOT PRIVATE: {reason}"}
 
 
 def _echo_export(out: Path, run: Path, npz: Path, eval_json: Path | None = None) -> None:

@@ -162,8 +162,9 @@ def test_shares_leaving_nothing_for_the_denoiser_are_refused():
         config.resolve("quick", {"diffusion.gaussian_base": "true",
                                  "privacy.autoencoder_share": "0.5",
                                  "privacy.gaussian_share": "0.5"})
-    config.resolve("quick", {"privacy.autoencoder_share": "0.5",
-                             "privacy.gaussian_share": "0.5"})  # unused without the base
+    config.resolve("quick", {"diffusion.gaussian_base": "false",  # unused without the base
+                             "privacy.autoencoder_share": "0.5",
+                             "privacy.gaussian_share": "0.5"})
 
 
 def test_resume_loads_the_release_and_a_lost_release_is_refused(tmp_path, single_thread):

@@ -124,8 +124,8 @@ def fmt(v, pct: bool = False, digits: int = 1) -> str:
 
 def table(results: list[dict]) -> str:
     head = ("| data set | ε (ledger) | preset (guidance) | CNN % | MLP % | LogReg % | FID (n) | "
-            "train AE / diff. (s) | sample (s) | peak RSS (MB) | date |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "classifiers trained on | train AE / diff. (s) | sample (s) | peak RSS (MB) | date |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for r in sorted(results, key=lambda r: (r["dataset"], -r["epsilon"], r["preset"])):
         cnn = fmt(r["cnn_acc"], True)
@@ -136,6 +136,8 @@ def table(results: list[dict]) -> str:
             f"| {r['dataset']} | {r['epsilon']:g} ({r['epsilon_ledger']:.2f}) | {r['preset']} "
             f"({r.get('guidance', '?')}) "
             f"| {cnn} | {fmt(r['mlp_acc'], True)} | {fmt(r['logreg_acc'], True)} | {fid} "
+            f"| {r['num_samples'] // 1000}k, CNN {r.get('cnn_epochs', 10)} ep. "
+            f"× {r.get('classifier_seeds', 3)} "
             f"| {fmt(r['autoencoder_wall_s'], digits=0)} / {fmt(r['diffusion_wall_s'], digits=0)}"
             f" | {fmt(r['sample_wall_s'], digits=0)} | {r['peak_rss_mb']} | {r['date']} |")
     cmds = "\n".join(

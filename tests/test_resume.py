@@ -213,3 +213,11 @@ def test_crash_between_checkpoint_and_ledger_writes_never_understates(tmp_path, 
         torch.set_num_threads(old_threads)
     assert ledger_steps(run) == planned
     assert result["ledger"]["epsilon"] == json.loads((run / "privacy.json").read_text())["epsilon"]
+
+
+def test_timings_add_up_over_sessions(tmp_path):
+    from dplatent.train.stages import _write_timings
+    _write_timings(tmp_path, {"autoencoder_s": 30.0, "diffusion_s": 100.0})
+    _write_timings(tmp_path, {"autoencoder_s": 0.5, "diffusion_s": 20.25})
+    saved = json.loads((tmp_path / "timings.json").read_text())
+    assert saved == {"autoencoder_s": 30.5, "diffusion_s": 120.25, "sessions": 2}

@@ -225,6 +225,10 @@ def _check_resume_device(run_dir: Path, device: torch.device) -> None:
 
 
 def _write_timings(run_dir: Path, timings: dict) -> None:
+    """Add this session's seconds per stage to those of earlier sessions: a resumed run's
+    timings are the whole training time, and resuming a finished run (to sample or evaluate
+    it again) adds only the seconds it took to load."""
     path = run_dir / "timings.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    write_json(path, {**old, **{k: round(v, 2) for k, v in timings.items()}})
+    total = {k: round(old.get(k, 0.0) + v, 2) for k, v in timings.items()}
+    write_json(path, {**old, **total, "sessions": int(old.get("sessions", 0)) + 1})

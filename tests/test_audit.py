@@ -156,6 +156,8 @@ def test_make_canary_dataset_layout(canary_run):
     held_out = {c.tobytes() for c in cx[~member]}
     in_train = {im.tobytes() for im in x}
     assert inserted <= in_train and not held_out & in_train
+    canary_rows = np.array([im.tobytes() in inserted for im in x])
+    assert canary_rows.sum() == 10 and np.all(y[canary_rows] == 3)
     with np.load(info["test"]) as f:
         assert len(f["y"]) == 90
 

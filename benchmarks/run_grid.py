@@ -67,19 +67,24 @@ def cell_key(r: dict) -> tuple:
     return (r["dataset"], float(r["epsilon"]), r["preset"])
 
 
-def run_cell(args, dataset: str, epsilon: float, log) -> dict:
+def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = None) -> dict:
+    """Train (or resume), sample and evaluate one cell. The record's `command` is always the
+    command that trains the cell from scratch; a resumed finished run (re-evaluated) keeps the
+    training peak memory of `previous`, its earlier record, since only loading is re-run."""
     exe = [sys.executable, "-m", "dplatent"]
     run_dir = Path(args.runs) / f"{dataset}-eps{epsilon:g}-{args.preset}"
     run_dir = run_dir if run_dir.is_absolute() else ROOT / run_dir
     data = ["--data-dir", args.data_dir] if args.data_dir else []
-    if (run_dir / "config.json").is_file():
-        train_cmd = [*exe, "train", "--resume", "--out", str(run_dir), "--no-progress", *data]
-    else:
-        train_cmd = [*exe, "train", "--dataset", dataset, "--epsilon", f"{epsilon:g}",
-                     "--delta", f"{args.delta:g}", "--preset", args.preset, "--out",
-                     str(run_dir), "--no-progress", *data, *sum(
-                         (["--set", s] for s in args.set), [])]
+    fresh_cmd = [*exe, "train", "--dataset", dataset, "--epsilon", f"{epsilon:g}",
+                 "--delta", f"{args.delta:g}", "--preset", args.preset, "--out",
+                 str(run_dir), "--no-progress", *data, *sum(
+                     (["--set", s] for s in args.set), [])]
+    resumed = (run_dir / "config.json").is_file()
+    train_cmd = ([*exe, "train", "--resume", "--out", str(run_dir), "--no-progress", *data]
+                 if resumed else fresh_cmd)
     train_wall, rss1 = run(train_cmd, log)
+    if resumed and previous:
+        rss1 = max(rss1, int(previous.get("peak_rss_mb", 0)))
     synth = run_dir / "synthetic.npz"
     sample_cmd = [*exe, "sample", "--run", str(run_dir), "--num", str(args.num_samples),
                   "--out", str(synth), "--no-progress"]
@@ -110,7 +115,7 @@ def run_cell(args, dataset: str, epsilon: float, log) -> dict:
         "num_samples": args.num_samples, "classifier_seeds": args.seeds,
         "cnn_epochs": args.cnn_epochs or 10, "evaluate_command": shown(eval_cmd),
         "peak_rss_mb": max(rss1, rss2, rss3),
-        "command": shown(train_cmd), "guidance": guidance,
+        "command": shown(fresh_cmd), "resumed": resumed, "guidance": guidance,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
         "date": dt.date.today().isoformat(),
     }
@@ -184,7 +189,7 @@ def main() -> None:
                     print(f"skip {key}: already in {RESULTS.name}", flush=True)
                     continue
                 print(f"cell {key} ...", flush=True)
-                rec = run_cell(args, dataset, eps, log)
+                rec = run_cell(args, dataset, eps, log, done[0] if done else None)
                 results = [r for r in results if cell_key(r) != key] + [rec]
                 save_results(results)
                 write_markdown(results)

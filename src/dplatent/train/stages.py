@@ -225,9 +225,10 @@ def _check_resume_device(run_dir: Path, device: torch.device) -> None:
 
 
 def _write_timings(run_dir: Path, timings: dict) -> None:
-    """Add this session's seconds per stage to those of earlier sessions: a resumed run's
-    timings are the whole training time, and resuming a finished run (to sample or evaluate
-    it again) adds only the seconds it took to load."""
+    """Add this session's seconds per stage to those of earlier finished sessions, so that
+    resuming a finished run (to sample or evaluate it again) adds only the seconds it took to
+    load instead of replacing the training time. A session killed mid-run writes nothing, so
+    after a crash the timings undercount by that session's time."""
     path = run_dir / "timings.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     total = {k: round(old.get(k, 0.0) + v, 2) for k, v in timings.items()}

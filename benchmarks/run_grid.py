@@ -69,8 +69,9 @@ def cell_key(r: dict) -> tuple:
 
 def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = None) -> dict:
     """Train (or resume), sample and evaluate one cell. The record's `command` is always the
-    command that trains the cell from scratch; a resumed finished run (re-evaluated) keeps the
-    training peak memory of `previous`, its earlier record, since only loading is re-run."""
+    command that trains the cell from scratch; a resumed finished run (re-evaluated) keeps
+    the peak memory of `previous`, its earlier record (which covered training), when that is
+    higher, since the resumed run only loads the models."""
     exe = [sys.executable, "-m", "dplatent"]
     run_dir = Path(args.runs) / f"{dataset}-eps{epsilon:g}-{args.preset}"
     run_dir = run_dir if run_dir.is_absolute() else ROOT / run_dir

@@ -30,6 +30,7 @@ from test_dp_training import (EXPECTED_BATCH, N_EXAMPLES, STAGES, RecordingSGD, 
                               median_clip, norm, per_example_grads)
 
 from dplatent.errors import DplatentError
+from dplatent.privacy.accounting import GAUSSIAN_STAGE
 from dplatent.privacy.dp_training import make_trainer, poisson_batches
 from dplatent.train import distributed
 from dplatent.train.loop import checkpoint_path, load_checkpoint
@@ -232,8 +233,9 @@ def test_processes_hold_identical_parameters_and_follow_the_single_process_run()
 N = 600
 SMOKE = ["--preset", "smoke", "--epsilon", "2", "--delta", "1e-4", "--seed", "1", "--threads",
          "1", "--set", "privacy.accountant=rdp", "--set", "autoencoder.epochs=0.6",
-         "--set", "diffusion.epochs=0.6", "--no-progress"]
-STEPS = 6  # per stage; the smoke preset checkpoints every 5
+         "--set", "diffusion.epochs=0.6", "--set", "diffusion.gaussian_base=true",
+         "--no-progress"]
+STEPS = 6  # per DP-SGD stage; the smoke preset checkpoints every 5
 
 
 def cli(*args) -> tuple[int, str, str]:
@@ -280,8 +282,8 @@ def test_two_processes_spend_exactly_the_single_process_epsilon(runs):
     one, two = (read(runs[k] / "privacy.json") for k in (1, WORLD))
     assert two["epsilon"] == one["epsilon"] and 0 < two["epsilon"] <= 2
     assert two == one  # the same entries: sigma, q, steps, C per stage
-    assert {e["stage"]: e["steps"] for e in two["entries"]} == {"autoencoder": STEPS,
-                                                                "diffusion": STEPS}
+    assert {e["stage"]: e["steps"] for e in two["entries"]} == {
+        "autoencoder": STEPS, GAUSSIAN_STAGE: 1, "diffusion": STEPS}
     cfg = read(runs[WORLD] / "config.json")
     assert cfg["derived"]["processes"] == WORLD
     assert read(runs[1] / "config.json")["derived"]["processes"] == 1
@@ -295,7 +297,7 @@ def test_only_the_first_process_writes_and_training_follows_the_single_process_r
     assert [(r["stage"], r["step"]) for r in logs[WORLD]] == [
         (r["stage"], r["step"]) for r in logs[1]], "one log line per step, not one per process"
     assert sorted(p.name for p in (runs[WORLD] / "checkpoints").iterdir()) == [
-        "autoencoder.pt", "diffusion.pt"]
+        "autoencoder.pt", "diffusion.pt", f"{GAUSSIAN_STAGE}.pt"]
     assert not list(runs[WORLD].glob("*.tmp*")) and (runs[WORLD] / "timings.json").is_file()
     # autoencoder (hooks, no random draws in the loss): the same batches and noise as one
     # process, so the same model up to the order of floating-point sums
@@ -303,6 +305,11 @@ def test_only_the_first_process_writes_and_training_follows_the_single_process_r
     b = load_checkpoint(checkpoint_path(runs[WORLD], "autoencoder"))
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-6)
+    # the latent Gaussians: one release, the single process's draw (every process computes
+    # the same sums of the same latents and adds the same noise draw)
+    g1, g2 = (load_checkpoint(checkpoint_path(runs[k], GAUSSIAN_STAGE)) for k in (1, WORLD))
+    for k in ("means", "covs"):
+        torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-5)
     # denoiser: each process draws its own diffusion times and noise, so it differs from
     # the single-process model, but it was trained (not left at its initial weights)
     d1 = load_checkpoint(checkpoint_path(runs[1], "diffusion"))
@@ -360,8 +367,8 @@ def test_two_process_runs_resume_exactly(runs, dataset, tmp_path):
     cfg = config.from_dict(saved)
 
     # a finished run: resuming changes nothing
-    before = {s: load_checkpoint(checkpoint_path(whole, s)) for s in ("autoencoder",
-                                                                       "diffusion")}
+    before = {s: load_checkpoint(checkpoint_path(whole, s))
+              for s in ("autoencoder", GAUSSIAN_STAGE, "diffusion")}
     code, _, err = cli("train", "--resume", "--out", whole, "--no-grid", "--no-progress",
                        "--nproc", WORLD)
     assert code == 0, err
@@ -375,12 +382,12 @@ def test_two_process_runs_resume_exactly(runs, dataset, tmp_path):
     with pytest.raises(DplatentError, match="Crash: stopped at denoiser step 6"):
         distributed.launch(WORLD, _crashing_train, kwargs, STEPS)
     assert {e["stage"]: e["steps"] for e in read(run / "privacy.json")["entries"]} == {
-        "autoencoder": STEPS, "diffusion": 5}
+        "autoencoder": STEPS, GAUSSIAN_STAGE: 1, "diffusion": 5}
     assert load_checkpoint(checkpoint_path(run, "diffusion"))["step"] == 5
     code, _, err = cli("train", "--resume", "--out", run, "--no-grid", "--no-progress",
                        "--nproc", WORLD)
     assert code == 0, err
     assert read(run / "privacy.json") == read(whole / "privacy.json")
-    for s in ("autoencoder", "diffusion"):
+    for s in ("autoencoder", GAUSSIAN_STAGE, "diffusion"):
         assert_same_state(load_checkpoint(checkpoint_path(run, s)),
                           load_checkpoint(checkpoint_path(whole, s)), s)

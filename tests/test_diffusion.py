@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import loss_from_draws, predraw
 
-from dplatent.diffusion.loss import denoising_loss
+from dplatent.diffusion.loss import denoising_loss, draw_timesteps
 from dplatent.diffusion.sampler import guided_output, initial_noise, sample_latents
 from dplatent.diffusion.schedule import alphas_cumprod, sampler_scheduler
 from dplatent.models.denoiser import Denoiser
@@ -99,6 +99,29 @@ def test_denoising_loss_inputs_noise_levels_and_label_dropout(dropout):
     acp = alphas_cumprod(T, "squaredcos_cap_v2")
     var = zt.pow(2).mean(-1) / (1 - acp[t])
     assert float(var.mean()) == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("skew", [1.0, 2.0, 3.0])
+def test_timestep_skew_draws_floor_t_u_to_the_skew(skew):
+    gen = torch.Generator().manual_seed(0)
+    t = draw_timesteps((200_000,), T, skew, gen, torch.device("cpu"))
+    assert t.dtype == torch.int64 and int(t.min()) == 0 and int(t.max()) == T - 1
+    # P(t < m) = P(T u^skew < m) = (m / T)^(1 / skew)
+    for m in (1, 10, 50):
+        assert float((t < m).float().mean()) == pytest.approx((m / T) ** (1 / skew), abs=0.005)
+
+
+def test_timestep_skew_reaches_the_loss_and_is_validated():
+    rec = Recorder()
+    z0, y = torch.zeros(20_000, DIM), torch.arange(20_000) % CLASSES
+    denoising_loss(rec, z0, y, generator=torch.Generator().manual_seed(0), timestep_skew=3.0,
+                   **loss_args(multiplicity=1, label_dropout=0.0))
+    (_, t, _), = rec.calls
+    assert float((t < 10).float().mean()) == pytest.approx(0.1 ** (1 / 3), abs=0.01)
+    from dplatent.config import DiffusionConfig
+    from dplatent.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"timestep_skew must be in \[1, 10\]"):
+        DiffusionConfig(timestep_skew=0.5)
 
 
 def test_initial_noise_is_per_index():

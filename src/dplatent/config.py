@@ -65,6 +65,9 @@ class DiffusionConfig:
     train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     prediction: str = "v"                  # network target: 'v' or 'epsilon'
+    # Training timesteps t = floor(T u^skew), u uniform: 1 is uniform; > 1 draws low-noise
+    # steps more often (where the Gaussian base is furthest from the data; BENCHMARKS.md).
+    timestep_skew: float = 1.0
     # Start from the exact denoiser of DP class Gaussians of the latents (one Gaussian
     # mechanism, privacy.gaussian_share of the budget) and learn only the correction.
     gaussian_base: bool = False
@@ -82,6 +85,7 @@ class DiffusionConfig:
         _check(self.train_timesteps >= 10, "diffusion.train_timesteps must be >= 10")
         _check(self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
                f"diffusion.beta_schedule: unknown {self.beta_schedule!r}")
+        _check(1 <= self.timestep_skew <= 10, "diffusion.timestep_skew must be in [1, 10]")
         _check(self.prediction in ("v", "epsilon"),
                f"diffusion.prediction: must be 'v' or 'epsilon', got {self.prediction!r}")
 

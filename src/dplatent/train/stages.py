@@ -128,7 +128,8 @@ def train_diffusion(latents: torch.Tensor, labels: torch.Tensor, num_classes: in
         idx = idx.to(latents.device)
         return denoising_loss(module, latents[idx], labels[idx], alphas_cumprod=acp,
                               multiplicity=d.noise_multiplicity, label_dropout=d.label_dropout,
-                              null_label=num_classes, prediction=d.prediction, generator=gen)
+                              null_label=num_classes, prediction=d.prediction,
+                              timestep_skew=d.timestep_skew, generator=gen)
 
     settings = StageSettings(name="diffusion", plan=plan.stage("diffusion"), lr=d.lr,
                              physical_batch_size=d.physical_batch_size, grad_mode="ghost",

@@ -71,6 +71,9 @@ class DiffusionConfig:
     # Start from the exact denoiser of DP class Gaussians of the latents (one Gaussian
     # mechanism, privacy.gaussian_share of the budget) and learn only the correction.
     gaussian_base: bool = False
+    # How the released class covariances are estimated: 'psd' (projection) or 'denoised'
+    # (uses the public noise std; diffusion/gaussian_base.py)
+    gaussian_covariance: str = "psd"
 
     def __post_init__(self) -> None:
         _check(self.hidden > 0 and self.blocks > 0 and self.expansion > 0,
@@ -86,6 +89,9 @@ class DiffusionConfig:
         _check(self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
                f"diffusion.beta_schedule: unknown {self.beta_schedule!r}")
         _check(1 <= self.timestep_skew <= 10, "diffusion.timestep_skew must be in [1, 10]")
+        _check(self.gaussian_covariance in ("psd", "denoised"),
+               f"diffusion.gaussian_covariance: must be 'psd' or 'denoised', got "
+               f"{self.gaussian_covariance!r}")
         _check(self.prediction in ("v", "epsilon"),
                f"diffusion.prediction: must be 'v' or 'epsilon', got {self.prediction!r}")
 

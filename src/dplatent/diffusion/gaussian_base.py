@@ -13,6 +13,15 @@ Release (one Gaussian mechanism on the private latents, recorded in the ledger a
   coordinate. Everything after that (means, covariances, projection onto positive
   semi-definite matrices) is post-processing.
 
+Covariances from the noisy sums (post-processing, `covariance=`):
+  'psd'      the noisy covariance projected onto PSD matrices (eigenvalues >= EIG_FLOOR).
+  'denoised' uses the noise's std, which is public: the noise on a class covariance is a
+             symmetric Gaussian matrix whose eigenvalues fill [-edge, edge], so an eigenvalue
+             inside that band says nothing about its direction. Eigenvalues above the edge are
+             debiased as spikes of a Wigner matrix (observed = true + v D / true); every other
+             direction gets the variance the trace leaves over (the trace is unbiased). With
+             'psd', those directions collapse to the floor although the data vary there.
+
 Use: `GaussianBase` is the exact v- (or epsilon-) predictor for data drawn from N(mu_y, S_y).
 The denoiser adds its learned output to it (models/denoiser.py), so DP-SGD starts from the DP
 Gaussian model and only learns what the Gaussian misses (a warm start in the spirit of
@@ -43,6 +52,7 @@ class NoisySums:
     count: torch.Tensor
     second: torch.Tensor
     radius: float
+    noise_std: float = 0.0   # std of the noise added to every coordinate
 
 
 def bound_norm(z: torch.Tensor, radius: float) -> torch.Tensor:
@@ -69,7 +79,7 @@ def add_noise(sums: NoisySums, noise_multiplier: float,
         return t + std * torch.randn(t.shape, generator=generator, dtype=t.dtype)
 
     return NoisySums(first=noisy(sums.first), count=noisy(sums.count),
-                     second=noisy(sums.second), radius=sums.radius)
+                     second=noisy(sums.second), radius=sums.radius, noise_std=std)
 
 
 def release(z: torch.Tensor, y: torch.Tensor, num_classes: int, noise_multiplier: float,
@@ -81,19 +91,50 @@ def release(z: torch.Tensor, y: torch.Tensor, num_classes: int, noise_multiplier
                      generator)
 
 
-def gaussians(sums: NoisySums) -> tuple[torch.Tensor, torch.Tensor]:
+COVARIANCES = ("psd", "denoised")
+
+
+def gaussians(sums: NoisySums, covariance: str = "psd") -> tuple[torch.Tensor, torch.Tensor]:
     """Post-processing: means [C+1, D] and PSD covariances [C+1, D, D] in latent units; row C
-    is the moment-matched Gaussian of the balanced mixture (the null label)."""
+    is the moment-matched Gaussian of the balanced mixture (the null label). `covariance`:
+    how the class covariances are estimated (module docstring)."""
+    if covariance not in COVARIANCES:
+        raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
     r = sums.radius
     count = sums.count.clamp_min(1.0)[:, None]
     means = sums.first / count * r
     second = sums.second / count[..., None] * r * r
     second = (second + second.transpose(1, 2)) / 2
-    covs = psd(second - torch.einsum("ci,cj->cij", means, means))
+    raw = second - torch.einsum("ci,cj->cij", means, means)
+    if covariance == "psd":
+        covs = psd(raw)
+    else:  # noise std of each covariance entry, in latent units
+        covs = denoised(raw, sums.noise_std * r * r / count[:, 0])
     mix_mean = means.mean(0)
     mix_second = (covs + torch.einsum("ci,cj->cij", means, means)).mean(0)
     mix_cov = psd(mix_second - torch.outer(mix_mean, mix_mean))
     return torch.cat([means, mix_mean[None]]), torch.cat([covs, mix_cov[None]])
+
+
+def denoised(raw: torch.Tensor, entry_std: torch.Tensor) -> torch.Tensor:
+    """Covariances [C, D, D] from noisy symmetric ones: `entry_std` [C] is the std of the
+    noise on each entry before symmetrising, so off-diagonal noise has variance v = std^2 / 2
+    and the noise's eigenvalues fill [-2 sqrt(v D), 2 sqrt(v D)] (semicircle law; the
+    largest one fluctuates by about D^(-2/3) of that edge, so the edge is taken 2 D^(-2/3)
+    higher). An eigenvalue l above the edge is a spike of true size
+    (l + sqrt(l^2 - 4 v D)) / 2; the other directions share the rest of the trace equally (at
+    least EIG_FLOOR). The noise on the means' outer product (std ~ noise_std R / count) is
+    ignored."""
+    d = raw.shape[-1]
+    vd = (entry_std.to(raw.dtype) ** 2 / 2 * d)[:, None]
+    evals, evecs = torch.linalg.eigh(raw)
+    spike = evals > 2 * vd.sqrt() * (1 + 2 * d ** (-2 / 3))
+    true = (evals + (evals ** 2 - 4 * vd).clamp_min(0).sqrt()) / 2
+    kept = torch.where(spike, true, torch.zeros_like(true))
+    rest = ((torch.diagonal(raw, dim1=-2, dim2=-1).sum(-1) - kept.sum(-1))
+            / (d - spike.sum(-1)).clamp_min(1)).clamp_min(EIG_FLOOR)
+    evals = torch.where(spike, true, rest[:, None]).clamp_min(EIG_FLOOR)
+    return evecs @ torch.diag_embed(evals) @ evecs.transpose(-1, -2)
 
 
 def psd(m: torch.Tensor) -> torch.Tensor:

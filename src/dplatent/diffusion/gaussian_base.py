@@ -132,7 +132,7 @@ def denoised(raw: torch.Tensor, entry_std: torch.Tensor) -> torch.Tensor:
     true = (evals + (evals ** 2 - 4 * vd).clamp_min(0).sqrt()) / 2
     kept = torch.where(spike, true, torch.zeros_like(true))
     rest = ((torch.diagonal(raw, dim1=-2, dim2=-1).sum(-1) - kept.sum(-1))
-            / (d - spike.sum(-1)).clamp_min(1)).clamp_min(EIG_FLOOR)
+            / (d - spike.sum(-1)).clamp_min(1))
     evals = torch.where(spike, true, rest[:, None]).clamp_min(EIG_FLOOR)
     return evecs @ torch.diag_embed(evals) @ evecs.transpose(-1, -2)
 

@@ -16,6 +16,9 @@ from typing import Any
 from dplatent.device import check_spec as check_device
 from dplatent.errors import ConfigError
 
+# Estimates of the released class covariances (diffusion/gaussian_base.py)
+GAUSSIAN_COVARIANCES = ("psd", "denoised")
+
 PRESET_DIRS = (Path(__file__).resolve().parents[2] / "configs",)
 
 
@@ -89,7 +92,7 @@ class DiffusionConfig:
         _check(self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
                f"diffusion.beta_schedule: unknown {self.beta_schedule!r}")
         _check(1 <= self.timestep_skew <= 10, "diffusion.timestep_skew must be in [1, 10]")
-        _check(self.gaussian_covariance in ("psd", "denoised"),
+        _check(self.gaussian_covariance in GAUSSIAN_COVARIANCES,
                f"diffusion.gaussian_covariance: must be 'psd' or 'denoised', got "
                f"{self.gaussian_covariance!r}")
         _check(self.prediction in ("v", "epsilon"),

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dplatent.config import GAUSSIAN_COVARIANCES
+
 SENSITIVITY = math.sqrt(3.0)   # L2 sensitivity of the normalised sums under add/remove
 EIG_FLOOR = 1e-3               # covariance eigenvalues are clipped to at least this
 
@@ -91,15 +93,13 @@ def release(z: torch.Tensor, y: torch.Tensor, num_classes: int, noise_multiplier
                      generator)
 
 
-COVARIANCES = ("psd", "denoised")
-
-
 def gaussians(sums: NoisySums, covariance: str = "psd") -> tuple[torch.Tensor, torch.Tensor]:
     """Post-processing: means [C+1, D] and PSD covariances [C+1, D, D] in latent units; row C
     is the moment-matched Gaussian of the balanced mixture (the null label). `covariance`:
     how the class covariances are estimated (module docstring)."""
-    if covariance not in COVARIANCES:
-        raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+    if covariance not in GAUSSIAN_COVARIANCES:
+        raise ValueError(f"covariance must be one of {GAUSSIAN_COVARIANCES}, "
+                         f"got {covariance!r}")
     r = sums.radius
     count = sums.count.clamp_min(1.0)[:, None]
     means = sums.first / count * r

@@ -71,6 +71,8 @@ def test_overrides_apply_and_are_coerced():
     ({"privacy.accountant": "moments"}, "privacy.accountant must be"),
     ({"privacy.autoencoder_share": "1"}, "autoencoder_share"),
     ({"diffusion.label_dropout": "1"}, "label_dropout"),
+    ({"autoencoder.upsample": "bilinear"}, "autoencoder.upsample: must be 'nearest' or "),
+    ({"autoencoder.decoder_blocks": "-1"}, "decoder_blocks must be >= 0"),
     ({"diffusion.beta_schedule": "cosine"}, "beta_schedule"),
     ({"diffusion.noise_multiplicity": "0"}, "noise_multiplicity"),
     ({"sampling.sampler": "euler"}, "sampler"),

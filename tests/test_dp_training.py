@@ -71,10 +71,12 @@ class Stage:
 class AutoencoderStage(Stage):
     mode = "hooks"
 
-    def __init__(self, contiguous: bool = True):
+    def __init__(self, contiguous: bool = True, decoder_blocks: int = 0,
+                 upsample: str = "nearest"):
         torch.manual_seed(0)
         self.model = Autoencoder(in_channels=1, image_size=16, channels=(8, 16),
-                                 latent_channels=2)
+                                 latent_channels=2, decoder_blocks=decoder_blocks,
+                                 upsample=upsample)
         x = torch.rand(N_EXAMPLES, 1, 16, 16)
         if not contiguous:  # same values, transposed memory layout
             x = x.transpose(2, 3).contiguous().transpose(2, 3)
@@ -202,10 +204,14 @@ def test_replayed_draws_reproduce_the_library_denoising_loss():
     assert drop.any() and not drop.all(), "the draws should use both real and null labels"
 
 
-@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "non-contiguous"])
-def test_hooks_per_example_gradients_of_the_autoencoder_match_the_explicit_loop(contiguous):
-    """Opacus' per-example gradients themselves (before clipping), conv input either layout."""
-    s = AutoencoderStage(contiguous=contiguous)
+@pytest.mark.parametrize("contiguous,blocks,upsample",
+                         [(True, 0, "nearest"), (False, 0, "nearest"), (True, 2, "shuffle")],
+                         ids=["contiguous", "non-contiguous", "residual-shuffle-decoder"])
+def test_hooks_per_example_gradients_of_the_autoencoder_match_the_explicit_loop(
+        contiguous, blocks, upsample):
+    """Opacus' per-example gradients themselves (before clipping), conv input either layout,
+    and with the optional decoder (residual blocks, sub-pixel upsampling)."""
+    s = AutoencoderStage(contiguous=contiguous, decoder_blocks=blocks, upsample=upsample)
     chunks = chunked(N_EXAMPLES, N_EXAMPLES)
     ref = per_example_grads(s, chunks)
     opt = RecordingSGD(s.model.parameters())

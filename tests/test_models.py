@@ -13,17 +13,19 @@ from dplatent.models.denoiser import Denoiser, timestep_embedding
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def autoencoder(channels=1, size=28, stages=(8, 16), latent=2) -> Autoencoder:
+def autoencoder(channels=1, size=28, stages=(8, 16), latent=2, blocks=0,
+                upsample="nearest") -> Autoencoder:
     torch.manual_seed(0)
     return Autoencoder(in_channels=channels, image_size=size, channels=stages,
-                       latent_channels=latent)
+                       latent_channels=latent, decoder_blocks=blocks, upsample=upsample)
 
 
-@pytest.mark.parametrize("channels,size,stages,latent", [(1, 28, (8, 16), 2),
-                                                         (3, 32, (8, 16, 16), 4),
-                                                         (1, 16, (8,), 3)])
-def test_autoencoder_shapes(channels, size, stages, latent):
-    ae = autoencoder(channels, size, stages, latent)
+@pytest.mark.parametrize("upsample", ["nearest", "shuffle"])
+@pytest.mark.parametrize("channels,size,stages,latent,blocks", [(1, 28, (8, 16), 2, 0),
+                                                                (3, 32, (8, 16, 16), 4, 2),
+                                                                (1, 16, (8,), 3, 1)])
+def test_autoencoder_shapes(channels, size, stages, latent, blocks, upsample):
+    ae = autoencoder(channels, size, stages, latent, blocks, upsample)
     side = size // 2 ** len(stages)
     assert ae.latent_shape == (latent, side, side)
     x = torch.rand(5, channels, size, size)
@@ -84,8 +86,34 @@ def test_reconstruction_loss_is_per_example_binary_cross_entropy():
     assert bool((loss > 0).all())
 
 
+def test_decoder_options_add_residual_blocks_at_the_latent_resolution_and_sub_pixel_output():
+    from dplatent.models.autoencoder import Residual
+    ae = autoencoder(blocks=3, upsample="shuffle")
+    residual = [m for m in ae.decoder.modules() if isinstance(m, Residual)]
+    assert len(residual) == 3
+    assert not any(isinstance(m, torch.nn.Upsample) for m in ae.decoder.modules())
+    # The block adds to its input: with its conv zeroed (GroupNorm's shift is 0 at init, and
+    # SiLU(0) = 0) it is the identity.
+    h = torch.randn(2, 16, 7, 7)
+    with torch.no_grad():
+        residual[0].block[0].weight.zero_()
+        residual[0].block[0].bias.zero_()
+    torch.testing.assert_close(residual[0](h), h)
+    # Sub-pixel output: the 2x2 block of output pixels comes from 4 channels of one position.
+    out_conv = ae.decoder.out[0]
+    assert out_conv.out_channels == 4 and isinstance(ae.decoder.out[1], torch.nn.PixelShuffle)
+
+
+def test_unknown_upsampling_is_a_config_error():
+    from dplatent.errors import ConfigError
+    with pytest.raises(ConfigError, match="upsample must be one of"):
+        autoencoder(upsample="bilinear")
+
+
 def test_both_models_are_dp_compatible():
     assert ModuleValidator.validate(autoencoder(), strict=False) == []
+    assert ModuleValidator.validate(autoencoder(blocks=2, upsample="shuffle"),
+                                    strict=False) == []
     assert ModuleValidator.validate(denoiser(), strict=False) == []
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                    for m in autoencoder().modules())

@@ -18,6 +18,7 @@ from dplatent.errors import ConfigError
 
 # Estimates of the released class covariances (diffusion/gaussian_base.py)
 GAUSSIAN_COVARIANCES = ("psd", "denoised")
+UPSAMPLING = ("nearest", "shuffle")   # autoencoder.upsample
 
 PRESET_DIRS = (Path(__file__).resolve().parents[2] / "configs",)
 
@@ -38,9 +39,14 @@ class AutoencoderConfig:
     physical_batch_size: int = 256
     lr: float = 2e-3
     clip_norm: float = 1.0
+    decoder_blocks: int = 0                # residual blocks at the latent resolution
+    upsample: str = "nearest"              # decoder upsampling: 'nearest' or 'shuffle'
 
     def __post_init__(self) -> None:
         _check(len(self.channels) >= 1, "autoencoder.channels: need at least one stage")
+        _check(self.decoder_blocks >= 0, "autoencoder.decoder_blocks must be >= 0")
+        _check(self.upsample in UPSAMPLING,
+               f"autoencoder.upsample: must be 'nearest' or 'shuffle', got {self.upsample!r}")
         _check(all(c > 0 and c % 8 == 0 for c in self.channels),
                "autoencoder.channels: each must be a positive multiple of 8 (GroupNorm)")
         _check(self.latent_channels > 0, "autoencoder.latent_channels must be > 0")

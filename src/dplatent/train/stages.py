@@ -38,7 +38,8 @@ from dplatent.train.loop import StageSettings, checkpoint_path, load_checkpoint,
 def build_autoencoder(cfg: RunConfig, channels: int, image_size: int) -> Autoencoder:
     a = cfg.autoencoder
     return Autoencoder(in_channels=channels, image_size=image_size, channels=a.channels,
-                       latent_channels=a.latent_channels)
+                       latent_channels=a.latent_channels, decoder_blocks=a.decoder_blocks,
+                       upsample=a.upsample)
 
 
 def build_denoiser(cfg: RunConfig, dim: int, num_classes: int,

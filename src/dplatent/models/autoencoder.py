@@ -55,7 +55,6 @@ class Residual(nn.Module):
         return x + self.block(x)
 
 
-
 def _upsample(c_in: int, c_out: int, how: str) -> list[nn.Module]:
     """Double the side. 'nearest': repeat pixels, then a conv at the new size. 'shuffle':
     a conv at the old size to 4 x c_out channels, then PixelShuffle (sub-pixel convolution):

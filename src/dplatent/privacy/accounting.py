@@ -29,6 +29,7 @@ NOT_PRIVATE = ("NOT PRIVATE: non-private control run (noise multiplier 0); "
 ACCOUNTANTS = {"prv": "Opacus PRV accountant (Gopi et al. 2021)",
                "rdp": "Opacus RDP accountant (Mironov 2017)"}
 SIGMA_MAX = 1e4
+PRV_EPS_ERROR = 0.01
 # With diffusion.gaussian_base: one Gaussian mechanism on the normalised moment sums of all
 # latents (diffusion/gaussian_base.py), i.e. sample rate 1, one step, clip norm = sensitivity.
 GAUSSIAN_STAGE = "latent_gaussian"
@@ -71,14 +72,6 @@ class DPEvent:
         return asdict(self)
 
 
-def _accountant(name: str):
-    if name == "prv":
-        return PRVAccountant()
-    if name == "rdp":
-        return RDPAccountant()
-    raise PrivacyError(f"unknown accountant {name!r}; choose from {sorted(ACCOUNTANTS)}")
-
-
 def epsilon(events: list[DPEvent], delta: float, accountant: str = "prv") -> float:
     """Composed epsilon at `delta` of all events (0 for no steps; inf once a no-noise control
     event has taken a step: such a run has no finite epsilon)."""
@@ -96,14 +89,27 @@ def epsilon(events: list[DPEvent], delta: float, accountant: str = "prv") -> flo
 def _epsilon_of_history(history: tuple[tuple[float, float, int], ...], delta: float,
                         accountant: str) -> float:
     """Cached: the ledger and the calibration ask for the same compositions repeatedly."""
-    acct = _accountant(accountant)
-    acct.history = list(history)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # RDP's "optimal order is the largest alpha"
-        if accountant == "prv":
-            # eps_error bounds the numerical error; the value returned is an upper bound.
-            return float(acct.get_epsilon(delta=delta, eps_error=0.01))
-        return float(acct.get_epsilon(delta=delta))
+        rdp = RDPAccountant()
+        rdp.history = list(history)
+        rdp_epsilon = float(rdp.get_epsilon(delta=delta))
+        if accountant == "rdp" or not math.isfinite(rdp_epsilon):
+            return rdp_epsilon
+        prv = PRVAccountant()
+        prv.history = list(history)
+        # eps_error bounds the numerical error; the value returned is an upper bound.
+        return float(prv.get_epsilon(delta=delta, eps_error=prv_eps_error(rdp_epsilon)))
+
+
+def prv_eps_error(rdp_epsilon: float) -> float:
+    """The PRV accountant's error bound: 0.01 up to epsilon 20, then 1/2000 of epsilon.
+
+    Its grid has about (domain size) / eps_error points and the domain grows with epsilon, so a
+    fixed absolute error makes very large budgets (epsilon in the hundreds) take minutes and
+    gigabytes; a relative one keeps the grid the size it has at epsilon 20. The RDP epsilon, an
+    upper bound of the PRV one and cheap to compute, sets the scale."""
+    return max(PRV_EPS_ERROR, rdp_epsilon / 2000)
 
 
 def calibrate_sigma(*, target_epsilon: float, delta: float, prior: list[DPEvent],

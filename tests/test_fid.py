@@ -109,9 +109,11 @@ class TinyExtractor(torch.nn.Module):
         super().__init__()
         self.pool = torch.nn.AdaptiveAvgPool2d(4)
         self.images_seen = 0
+        self.channels_last = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.images_seen += len(x)
+        self.channels_last.append(x.is_contiguous(memory_format=torch.channels_last))
         return self.pool(x).flatten(1)
 
 
@@ -136,6 +138,14 @@ def test_pipeline_separates_distributions(tmp_path):
     assert other.fid > 10 * same.fid > 0
     assert same.samples == same.reference_samples == 40
     assert "small-sample bias" in same.warning
+
+
+def test_features_are_computed_channels_last_and_equal_the_contiguous_ones():
+    model, images = TinyExtractor(), blobs(20, seed=3, bright=True)
+    features = fid.extract_features(images, model, batch_size=8, size=32, progress=False)
+    assert model.channels_last == [True, True, True]
+    plain = model(fid.preprocess(images, 32)).double().numpy()
+    np.testing.assert_allclose(features, plain, rtol=1e-6, atol=1e-6)
 
 
 def test_reference_statistics_are_cached_and_keyed_by_data_and_weights(tmp_path):

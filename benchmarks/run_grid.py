@@ -8,6 +8,10 @@ exists resumes training from its checkpoints. Run it in the background:
     nohup python benchmarks/run_grid.py --preset full > benchmarks/grid.log 2>&1 &
 
 Writes benchmarks/results.json and the measured table of BENCHMARKS.md (between markers).
+
+`--fid-only` re-measures FID alone, at `--fid-samples`, on the synthetic images of cells that
+already have a record, and keeps every other number of the record; earlier FIDs stay in the
+record under `fid_at` (samples -> FID).
 """
 
 from __future__ import annotations
@@ -122,6 +126,30 @@ def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = No
     }
 
 
+def remeasure_fid(args, rec: dict, log) -> dict:
+    """The record with FID re-measured at args.fid_samples on its existing synthetic images."""
+    exe = [sys.executable, "-m", "dplatent"]
+    run_dir = Path(args.runs) / f"{rec['dataset']}-eps{rec['epsilon']:g}-{rec['preset']}"
+    run_dir = run_dir if run_dir.is_absolute() else ROOT / run_dir
+    synth = run_dir / "synthetic.npz"
+    if not synth.is_file():
+        raise SystemExit(f"--fid-only: {synth} is missing; run the cell first")
+    out = run_dir / f"eval-fid{args.fid_samples}.json"
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    cmd = [*exe, "evaluate", "--synthetic", str(synth), "--dataset", rec["dataset"],
+           "--metrics", "fid", "--fid-samples", str(args.fid_samples), "--out", str(out),
+           "--no-progress", *data]
+    wall, rss = run(cmd, log)
+    ev = json.loads(out.read_text())
+    fid_at = dict(rec.get("fid_at") or {})
+    if rec.get("fid") is not None:
+        fid_at[str(rec["fid_samples"])] = rec["fid"]
+    fid_at[str(ev["fid_samples"])] = ev["fid"]
+    return {**rec, "fid": ev["fid"], "fid_samples": ev["fid_samples"], "fid_at": fid_at,
+            "fid_command": shown(cmd), "fid_wall_s": round(wall, 1),
+            "fid_peak_rss_mb": rss}
+
+
 def fmt(v, pct: bool = False, digits: int = 1) -> str:
     if v is None:
         return "—"
@@ -138,6 +166,9 @@ def table(results: list[dict]) -> str:
         if r.get("cnn_acc_std") is not None:
             cnn += f" ± {fmt(r['cnn_acc_std'], True)}"
         fid = "—" if r["fid"] is None else f"{r['fid']:.1f} ({r['fid_samples']})"
+        fid += "".join(f"; {v:.1f} ({n})" for n, v in sorted(
+            (r.get("fid_at") or {}).items(), key=lambda kv: -int(kv[0]))
+            if int(n) != r["fid_samples"])
         rows.append(
             f"| {r['dataset']} | {r['epsilon']:g} ({r['epsilon_ledger']:.2f}) | {r['preset']} "
             f"({r.get('guidance', '?')}) "
@@ -150,7 +181,9 @@ def table(results: list[dict]) -> str:
         f"- `{r['dataset']}` ε={r['epsilon']:g}: `{r['command']}`; then "
         f"{r['num_samples']} samples; `{r.get('evaluate_command', 'evaluate')}` "
         f"(CNN {r.get('cnn_epochs', 10)} epochs × {r.get('classifier_seeds', 3)} seeds); "
-        f"{r['machine']}" for r in results)
+        + (f"FID at {r['fid_samples']}: `{r['fid_command']}` ({r['fid_wall_s']:.0f} s); "
+           if r.get("fid_command") else "")
+        + f"{r['machine']}" for r in results)
     return head + "\n".join(rows) + "\n\nCommands:\n\n" + cmds + "\n"
 
 
@@ -173,6 +206,8 @@ def main() -> None:
     ap.add_argument("--cnn-epochs", type=int, default=None, help="CNN epochs (default 10)")
     ap.add_argument("--set", action="append", default=[], help="config override per cell")
     ap.add_argument("--force", action="store_true", help="redo cells that have results")
+    ap.add_argument("--fid-only", action="store_true",
+                    help="re-measure only FID (at --fid-samples) for cells with a record")
     ap.add_argument("--markdown-only", action="store_true",
                     help="rewrite BENCHMARKS.md from results.json and exit")
     args = ap.parse_args()
@@ -186,11 +221,18 @@ def main() -> None:
             for eps in (float(e) for e in args.epsilons.split(",")):
                 key = (dataset, eps, args.preset)
                 done = [r for r in results if cell_key(r) == key]
-                if done and not args.force:
+                if args.fid_only:
+                    if not done:
+                        print(f"skip {key}: no record to re-measure", flush=True)
+                        continue
+                    print(f"FID of {key} at {args.fid_samples} ...", flush=True)
+                    rec = remeasure_fid(args, done[0], log)
+                elif done and not args.force:
                     print(f"skip {key}: already in {RESULTS.name}", flush=True)
                     continue
-                print(f"cell {key} ...", flush=True)
-                rec = run_cell(args, dataset, eps, log, done[0] if done else None)
+                else:
+                    print(f"cell {key} ...", flush=True)
+                    rec = run_cell(args, dataset, eps, log, done[0] if done else None)
                 results = [r for r in results if cell_key(r) != key] + [rec]
                 save_results(results)
                 write_markdown(results)

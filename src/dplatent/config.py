@@ -19,6 +19,7 @@ from dplatent.errors import ConfigError
 # Estimates of the released class covariances (diffusion/gaussian_base.py)
 GAUSSIAN_COVARIANCES = ("psd", "denoised")
 UPSAMPLING = ("nearest", "shuffle")   # autoencoder.upsample
+PREDICTIONS = ("v", "epsilon")        # diffusion.prediction
 
 PRESET_DIRS = (Path(__file__).resolve().parents[2] / "configs",)
 
@@ -26,6 +27,11 @@ PRESET_DIRS = (Path(__file__).resolve().parents[2] / "configs",)
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    """ConfigError "key: must be 'a' or 'b', got 'c'" unless value is in allowed."""
+    _check(value in allowed, f"{key}: must be {' or '.join(map(repr, allowed))}, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,8 +51,7 @@ class AutoencoderConfig:
     def __post_init__(self) -> None:
         _check(len(self.channels) >= 1, "autoencoder.channels: need at least one stage")
         _check(self.decoder_blocks >= 0, "autoencoder.decoder_blocks must be >= 0")
-        _check(self.upsample in UPSAMPLING,
-               f"autoencoder.upsample: must be 'nearest' or 'shuffle', got {self.upsample!r}")
+        _one_of("autoencoder.upsample", self.upsample, UPSAMPLING)
         _check(all(c > 0 and c % 8 == 0 for c in self.channels),
                "autoencoder.channels: each must be a positive multiple of 8 (GroupNorm)")
         _check(self.latent_channels > 0, "autoencoder.latent_channels must be > 0")
@@ -98,11 +103,8 @@ class DiffusionConfig:
         _check(self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
                f"diffusion.beta_schedule: unknown {self.beta_schedule!r}")
         _check(1 <= self.timestep_skew <= 10, "diffusion.timestep_skew must be in [1, 10]")
-        _check(self.gaussian_covariance in GAUSSIAN_COVARIANCES,
-               f"diffusion.gaussian_covariance: must be 'psd' or 'denoised', got "
-               f"{self.gaussian_covariance!r}")
-        _check(self.prediction in ("v", "epsilon"),
-               f"diffusion.prediction: must be 'v' or 'epsilon', got {self.prediction!r}")
+        _one_of("diffusion.gaussian_covariance", self.gaussian_covariance, GAUSSIAN_COVARIANCES)
+        _one_of("diffusion.prediction", self.prediction, PREDICTIONS)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -165,12 +165,24 @@ class GaussianBase(nn.Module):
         self.evecs.copy_(evecs)
 
     def denoised(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """E[z0 | z_t, y]; z: [..., D], t and y: [...]."""
+        """E[z0 | z_t, y]; z: [..., D], t and y: [...]. The eigenbasis changes run per label
+        (at most C + 1 matrix products) instead of gathering a D x D matrix per example."""
+        shape = z.shape
+        z, t, y = z.reshape(-1, shape[-1]), t.reshape(-1), y.reshape(-1)
         a = self.alphas_cumprod[t].unsqueeze(-1)
-        mu, lam, vec = self.means[y], self.evals[y], self.evecs[y]
-        u = torch.einsum("...ji,...j->...i", vec, z - a.sqrt() * mu)
+        mu, lam = self.means[y], self.evals[y]
+        u = self._per_label(z - a.sqrt() * mu, y, transpose=False)
         u = u * (a.sqrt() * lam / (a * lam + 1 - a))
-        return mu + torch.einsum("...ij,...j->...i", vec, u)
+        return (mu + self._per_label(u, y, transpose=True)).reshape(shape)
+
+    def _per_label(self, v: torch.Tensor, y: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """Row i of v times evecs[y_i] (into the eigenbasis) or its transpose (back out)."""
+        out = torch.empty_like(v)
+        for label in torch.unique(y).tolist():
+            rows = (y == label).nonzero(as_tuple=True)[0]
+            vec = self.evecs[label]
+            out[rows] = v[rows] @ (vec.T if transpose else vec)
+        return out
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         a = self.alphas_cumprod[t].unsqueeze(-1)

@@ -194,7 +194,7 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
     s = trained.cfg.sampling
     info = {"seed": seed, "guidance": s.guidance if guidance is None else guidance,
             "steps": s.steps if steps is None else steps, "sampler": s.sampler,
-            "run_fingerprint": run_fingerprint(run), **_privacy_info(run)}
+            "run_fingerprint": run_fingerprint(run), **_privacy_info(trained)}
     path = save_npz(out or run / "synthetic.npz", x, y, info=info)
     if png_dir:
         save_png_dir(png_dir, x, y, trained.meta["class_names"])
@@ -204,13 +204,13 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
                + (" (NOT PRIVATE: non-private control run)" if control else ""))
 
 
-def _privacy_info(run: Path) -> dict:
+def _privacy_info(trained) -> dict:
     """What the npz says about its privacy: (epsilon, delta) of the run's ledger, or the NOT
     PRIVATE label with its reason."""
     from dplatent.io import read_json
     from dplatent.privacy.ledger import FILENAME, run_privacy_status
-    ledger = read_json(run / FILENAME)
-    private, reason = run_privacy_status(read_json(run / "config.json"), ledger)
+    ledger = read_json(trained.dir / FILENAME)
+    private, reason = run_privacy_status(trained.config_json, ledger)
     if private:
         return {"private": True, "epsilon": ledger["epsilon"], "delta": ledger["delta"]}
     return {"private": False, "label": f"NOT PRIVATE: {reason}"}

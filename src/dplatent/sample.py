@@ -42,6 +42,7 @@ class TrainedRun:
             raise DplatentError(f"{self.dir}: not a run directory (no config.json)")
         try:
             raw = json.loads(cfg_path.read_text())
+            self.config_json: dict = dict(raw)  # as saved, derived section included
             self.meta = raw.pop("derived")
             self.cfg: RunConfig = from_dict(raw)
             self.num_classes = int(self.meta["num_classes"])

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from dplatent.errors import DplatentError
+
+if TYPE_CHECKING:
+    from dplatent.sample import TrainedRun
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Differentially private synthetic image data via latent diffusion.")
@@ -204,7 +207,7 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
                + (" (NOT PRIVATE: non-private control run)" if control else ""))
 
 
-def _privacy_info(trained) -> dict:
+def _privacy_info(trained: TrainedRun) -> dict:
     """What the npz says about its privacy: (epsilon, delta) of the run's ledger, or the NOT
     PRIVATE label with its reason."""
     from dplatent.io import read_json

@@ -29,30 +29,68 @@ def _flat(s: gb.NoisySums) -> torch.Tensor:
     return torch.cat([s.first.flatten(), s.count.flatten(), s.second.flatten()])
 
 
-def test_one_record_moves_the_sums_by_at_most_the_sensitivity():
+@pytest.mark.parametrize("weights", sorted(gb.RELEASE_WEIGHTS))
+def test_one_record_moves_the_sums_by_at_most_the_sensitivity(weights):
+    w = gb.RELEASE_WEIGHTS[weights]
     g = torch.Generator().manual_seed(0)
     z = 30 * torch.randn(50, 6, generator=g)         # far outside the norm bound
     y = torch.randint(0, 3, (50,), generator=g)
     radius = math.sqrt(5)
-    full = _flat(gb.class_sums(z, y, 3, radius))
+    full = _flat(gb.class_sums(z, y, 3, radius, w))
     for i in range(50):
         keep = torch.arange(50) != i
-        moved = (full - _flat(gb.class_sums(z[keep], y[keep], 3, radius))).norm()
+        moved = (full - _flat(gb.class_sums(z[keep], y[keep], 3, radius, w))).norm()
         assert moved <= gb.SENSITIVITY * (1 + 1e-9)
     # a record exactly on the bound moves them by exactly the sensitivity
     on = torch.zeros(1, 6, dtype=torch.float64)
     on[0, 0] = radius
-    assert _flat(gb.class_sums(on, torch.tensor([1]), 3, radius)).norm().item() == \
+    assert _flat(gb.class_sums(on, torch.tensor([1]), 3, radius, w)).norm().item() == \
         pytest.approx(gb.SENSITIVITY)
 
 
 def test_noise_has_std_sigma_times_sensitivity():
     zero = gb.NoisySums(first=torch.zeros(10, 40, dtype=torch.float64),
                         count=torch.zeros(10, dtype=torch.float64),
-                        second=torch.zeros(10, 40, 40, dtype=torch.float64), radius=1.0)
+                        second=torch.zeros(10, 40, 40, dtype=torch.float64), radius=1.0,
+                        weights=gb.RELEASE_WEIGHTS["equal"])
     noisy = _flat(gb.add_noise(zero, 2.5, torch.Generator().manual_seed(1)))
-    assert noisy.std().item() == pytest.approx(2.5 * math.sqrt(3), rel=0.03)
+    assert gb.SENSITIVITY == pytest.approx(1.0)
+    assert noisy.std().item() == pytest.approx(2.5, rel=0.03)
     assert abs(noisy.mean().item()) < 0.05
+
+
+@pytest.mark.parametrize("weights", sorted(gb.RELEASE_WEIGHTS))
+def test_covariance_noise_is_sigma_r2_over_weight_and_count(weights):
+    """The std the denoised estimate is told equals the spread of the second moments' entries
+    over many releases of the same latents (and the means' noise is sigma R / (w_1 count));
+    divided by the exact count, to leave out the count's own, much smaller noise."""
+    w = gb.RELEASE_WEIGHTS[weights]
+    z, y = _latents(400, 4, 2, seed=3)
+    sigma, reps = 0.8, 400
+    draws = [gb.release(z, y, 2, sigma, torch.Generator().manual_seed(i), weights=weights)
+             for i in range(reps)]
+    count = torch.tensor([200.0, 200.0], dtype=torch.float64)
+    means = torch.stack([s.first / w[0] / count[:, None] * s.radius for s in draws])
+    second = torch.stack([s.second / w[2] / count[:, None, None] * s.radius ** 2
+                          for s in draws])
+    expected = gb.covariance_noise_std(draws[0])
+    assert expected.shape == (2,)
+    np.testing.assert_allclose(expected.numpy(), sigma / w[2] * 3 / 200, rtol=0.1)  # noisy count
+    for c in range(2):
+        np.testing.assert_allclose(second.std(0)[c].numpy(), expected[c].item(), rtol=0.15)
+        np.testing.assert_allclose(means.std(0)[c].numpy(), sigma / w[0] * math.sqrt(3) / 200,
+                                   rtol=0.15)
+
+
+def test_weighted_release_puts_less_noise_on_the_covariances_at_the_same_sigma():
+    z, y = _latents(600, 5, 3, seed=2)
+    std = {name: gb.covariance_noise_std(gb.release(z, y, 3, 0.1, torch.Generator(),
+                                                    weights=name))
+           for name in gb.RELEASE_WEIGHTS}
+    ratio = 1 / (math.sqrt(3) * math.sqrt(0.9))  # (sigma / w_3) / (sqrt(3) sigma)
+    np.testing.assert_allclose((std["weighted"] / std["equal"]).numpy(), ratio, rtol=0.02)
+    with pytest.raises(ValueError, match="weights must be one of"):
+        gb.release(z, y, 3, 1.0, torch.Generator(), weights="second")
 
 
 def _latents(n: int, d: int, classes: int, seed: int):
@@ -148,7 +186,7 @@ def test_plan_gives_the_release_its_share_and_the_gaussian_mechanism_epsilon():
     p = plan(60000, cfg)
     assert [s.stage for s in p.stages] == ["autoencoder", GAUSSIAN_STAGE, "diffusion"]
     g = p.stage(GAUSSIAN_STAGE)
-    assert (g.sample_rate, g.steps, g.clip_norm) == (1.0, 1, pytest.approx(math.sqrt(3)))
+    assert (g.sample_rate, g.steps, g.clip_norm) == (1.0, 1, pytest.approx(1.0))
     pld = dp_accounting.pld.PLDAccountant()
     pld.compose(dp_accounting.GaussianDpEvent(g.noise_multiplier))
     assert g.epsilon_alone == pytest.approx(pld.get_epsilon(1e-5), abs=0.03)

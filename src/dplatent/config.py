@@ -18,6 +18,7 @@ from dplatent.errors import ConfigError
 
 # Estimates of the released class covariances (diffusion/gaussian_base.py)
 GAUSSIAN_COVARIANCES = ("psd", "denoised")
+GAUSSIAN_RELEASES = ("equal", "weighted")
 UPSAMPLING = ("nearest", "shuffle")   # autoencoder.upsample
 PREDICTIONS = ("v", "epsilon")        # diffusion.prediction
 
@@ -88,6 +89,9 @@ class DiffusionConfig:
     # How the released class covariances are estimated: 'psd' (projection) or 'denoised'
     # (uses the public noise std; diffusion/gaussian_base.py)
     gaussian_covariance: str = "psd"
+    # How the release's noise is shared between the class means and the covariances: 'equal'
+    # or 'weighted' (less on the covariances; diffusion/gaussian_base.py). Same epsilon.
+    gaussian_release: str = "equal"
 
     def __post_init__(self) -> None:
         _check(self.hidden > 0 and self.blocks > 0 and self.expansion > 0,
@@ -104,6 +108,7 @@ class DiffusionConfig:
                f"diffusion.beta_schedule: unknown {self.beta_schedule!r}")
         _check(1 <= self.timestep_skew <= 10, "diffusion.timestep_skew must be in [1, 10]")
         _one_of("diffusion.gaussian_covariance", self.gaussian_covariance, GAUSSIAN_COVARIANCES)
+        _one_of("diffusion.gaussian_release", self.gaussian_release, GAUSSIAN_RELEASES)
         _one_of("diffusion.prediction", self.prediction, PREDICTIONS)
 
 

@@ -5,13 +5,19 @@ Release (one Gaussian mechanism on the private latents, recorded in the ledger a
   every latent is scaled to L2 norm at most R = sqrt(D - 1) (the encoder's per-example
   standardisation already gives exactly R; the bound makes the sensitivity hold whatever the
   encoder does), and contributes, to its own class c only,
-      z / R          to the class's first-moment sum,
-      1              to the class's count,
-      z z^T / R^2    to the class's second-moment sum (Frobenius norm <= 1).
-  Adding or removing one record changes the concatenation of all these sums by an L2 norm of
-  at most SENSITIVITY = sqrt(3), and Gaussian noise of std sigma * sqrt(3) is added to every
-  coordinate. Everything after that (means, covariances, projection onto positive
-  semi-definite matrices) is post-processing.
+      w_1 z / R          to the class's first-moment sum,
+      w_2                to the class's count,
+      w_3 z z^T / R^2    to the class's second-moment sum (Frobenius norm <= w_3),
+  with weights (w_1, w_2, w_3), w_1^2 + w_2^2 + w_3^2 = 1 (RELEASE_WEIGHTS; `release=`). Adding or removing one record
+  changes the concatenation of all these sums by an L2 norm of at most SENSITIVITY = 1, and
+  Gaussian noise of std sigma is added to every coordinate. Everything after that (dividing
+  the parts by their weights, means, covariances, projection onto positive semi-definite
+  matrices) is post-processing.
+  The noise on part k is sigma / w_k. 'equal' gives each part sqrt(3) sigma. 'weighted'
+  puts the budget where the noise hurts: the covariances need the most accuracy, since
+  their noise spreads over D^2 entries, and get 1.05 sigma; a mean needs less (its noise,
+  sigma R / (w_1 count) per coordinate, is 0.003-0.005 for MNIST's classes at epsilon = 10
+  with 98-196-d latents), and a count of thousands hardly any.
 
 Covariances from the noisy sums (post-processing, `covariance=`):
   'psd'      the noisy covariance projected onto PSD matrices (eigenvalues >= EIG_FLOOR).
@@ -41,19 +47,23 @@ from torch import nn
 
 from dplatent.config import GAUSSIAN_COVARIANCES
 
-SENSITIVITY = math.sqrt(3.0)   # L2 sensitivity of the normalised sums under add/remove
+# weights of (first moment, count, second moment); each set has unit norm
+RELEASE_WEIGHTS = {"equal": (1 / math.sqrt(3),) * 3,
+                   "weighted": (0.3, 0.1, math.sqrt(1 - 0.3 ** 2 - 0.1 ** 2))}
+SENSITIVITY = 1.0   # L2 sensitivity of the weighted sums under add/remove
 EIG_FLOOR = 1e-3               # covariance eigenvalues are clipped to at least this
 
 
 @dataclass(frozen=True)
 class NoisySums:
     """The released (noisy) sums, per class: first moment [C, D], count [C], second
-    moment [C, D, D], all in the normalised units of the module docstring."""
+    moment [C, D, D], all weighted and normalised as in the module docstring."""
 
     first: torch.Tensor
     count: torch.Tensor
     second: torch.Tensor
     radius: float
+    weights: tuple[float, float, float]
     noise_std: float = 0.0   # std of the noise added to every coordinate
 
 
@@ -63,13 +73,16 @@ def bound_norm(z: torch.Tensor, radius: float) -> torch.Tensor:
     return z * torch.clamp(radius / norms.clamp_min(1e-12), max=1.0)
 
 
-def class_sums(z: torch.Tensor, y: torch.Tensor, num_classes: int,
-               radius: float) -> NoisySums:
-    """Exact normalised sums per class (private: never returned outside `release`)."""
+def class_sums(z: torch.Tensor, y: torch.Tensor, num_classes: int, radius: float,
+               weights: tuple[float, float, float]) -> NoisySums:
+    """Exact weighted, normalised sums per class (private: never returned outside
+    `release`)."""
+    w_first, w_count, w_second = weights
     u = bound_norm(z.double(), radius) / radius
     onehot = torch.nn.functional.one_hot(y.long(), num_classes).double()
     second = torch.stack([u[y == c].T @ u[y == c] for c in range(num_classes)])
-    return NoisySums(first=onehot.T @ u, count=onehot.sum(0), second=second, radius=radius)
+    return NoisySums(first=w_first * (onehot.T @ u), count=w_count * onehot.sum(0),
+                     second=w_second * second, radius=radius, weights=weights)
 
 
 def add_noise(sums: NoisySums, noise_multiplier: float,
@@ -81,16 +94,19 @@ def add_noise(sums: NoisySums, noise_multiplier: float,
         return t + std * torch.randn(t.shape, generator=generator, dtype=t.dtype)
 
     return NoisySums(first=noisy(sums.first), count=noisy(sums.count),
-                     second=noisy(sums.second), radius=sums.radius, noise_std=std)
+                     second=noisy(sums.second), radius=sums.radius, weights=sums.weights,
+                     noise_std=std)
 
 
 def release(z: torch.Tensor, y: torch.Tensor, num_classes: int, noise_multiplier: float,
-            generator: torch.Generator) -> NoisySums:
+            generator: torch.Generator, weights: str = "equal") -> NoisySums:
     """The only function here that reads private data: latents [N, D] and labels [N] ->
     the noisy sums. The caller records the ledger event (privacy/accounting.py)."""
     radius = math.sqrt(max(z.shape[1] - 1, 1))
-    return add_noise(class_sums(z.cpu(), y.cpu(), num_classes, radius), noise_multiplier,
-                     generator)
+    if weights not in RELEASE_WEIGHTS:
+        raise ValueError(f"weights must be one of {tuple(RELEASE_WEIGHTS)}, got {weights!r}")
+    sums = class_sums(z.cpu(), y.cpu(), num_classes, radius, RELEASE_WEIGHTS[weights])
+    return add_noise(sums, noise_multiplier, generator)
 
 
 def gaussians(sums: NoisySums, covariance: str = "psd") -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,20 +116,28 @@ def gaussians(sums: NoisySums, covariance: str = "psd") -> tuple[torch.Tensor, t
     if covariance not in GAUSSIAN_COVARIANCES:
         raise ValueError(f"covariance must be one of {GAUSSIAN_COVARIANCES}, "
                          f"got {covariance!r}")
+    w_first, w_count, w_second = sums.weights
     r = sums.radius
-    count = sums.count.clamp_min(1.0)[:, None]
-    means = sums.first / count * r
-    second = sums.second / count[..., None] * r * r
+    count = (sums.count / w_count).clamp_min(1.0)[:, None]
+    means = sums.first / w_first / count * r
+    second = sums.second / w_second / count[..., None] * r * r
     second = (second + second.transpose(1, 2)) / 2
     raw = second - torch.einsum("ci,cj->cij", means, means)
     if covariance == "psd":
         covs = psd(raw)
-    else:  # noise std of each covariance entry, in latent units
-        covs = denoised(raw, sums.noise_std * r * r / count[:, 0])
+    else:
+        covs = denoised(raw, covariance_noise_std(sums))
     mix_mean = means.mean(0)
     mix_second = (covs + torch.einsum("ci,cj->cij", means, means)).mean(0)
     mix_cov = psd(mix_second - torch.outer(mix_mean, mix_mean))
     return torch.cat([means, mix_mean[None]]), torch.cat([covs, mix_cov[None]])
+
+
+def covariance_noise_std(sums: NoisySums) -> torch.Tensor:
+    """[C]: std of the release's noise on each entry of a class covariance (before
+    symmetrising), in latent units: sigma R^2 / (w_3 count)."""
+    count = (sums.count / sums.weights[1]).clamp_min(1.0)
+    return sums.noise_std / sums.weights[2] * sums.radius ** 2 / count
 
 
 def denoised(raw: torch.Tensor, entry_std: torch.Tensor) -> torch.Tensor:
@@ -123,7 +147,7 @@ def denoised(raw: torch.Tensor, entry_std: torch.Tensor) -> torch.Tensor:
     largest one fluctuates by about D^(-2/3) of that edge, so the edge is taken 2 D^(-2/3)
     higher). An eigenvalue l above the edge is a spike of true size
     (l + sqrt(l^2 - 4 v D)) / 2; the other directions share the rest of the trace equally (at
-    least EIG_FLOOR). The noise on the means' outer product (std ~ noise_std R / count) is
+    least EIG_FLOOR). The noise on the means' outer product (std ~ sigma R / (w_1 count)) is
     ignored."""
     d = raw.shape[-1]
     vd = (entry_std.to(raw.dtype) ** 2 / 2 * d)[:, None]

@@ -105,7 +105,8 @@ def release_gaussians(latents: torch.Tensor, labels: torch.Tensor, num_classes: 
         ledger.record(stage.event(steps=1))
         return ck["means"], ck["covs"]
     gen = torch.Generator().manual_seed(cfg.seed * 2 + 7)  # the same draw on every process
-    sums = gaussian_base.release(latents, labels, num_classes, stage.noise_multiplier, gen)
+    sums = gaussian_base.release(latents, labels, num_classes, stage.noise_multiplier, gen,
+                                 weights=cfg.diffusion.gaussian_release)
     means, covs = gaussian_base.gaussians(sums, cfg.diffusion.gaussian_covariance)
     ledger.record(stage.event(steps=1))
     if distributed.is_main():

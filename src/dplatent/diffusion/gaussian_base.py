@@ -8,8 +8,9 @@ Release (one Gaussian mechanism on the private latents, recorded in the ledger a
       w_1 z / R          to the class's first-moment sum,
       w_2                to the class's count,
       w_3 z z^T / R^2    to the class's second-moment sum (Frobenius norm <= w_3),
-  with weights (w_1, w_2, w_3), w_1^2 + w_2^2 + w_3^2 = 1 (RELEASE_WEIGHTS; `release=`). Adding or removing one record
-  changes the concatenation of all these sums by an L2 norm of at most SENSITIVITY = 1, and
+  with weights (w_1, w_2, w_3), w_1^2 + w_2^2 + w_3^2 = 1 (RELEASE_WEIGHTS, chosen by
+  `release(weights=)`). Adding or removing one record changes the concatenation of all
+  these sums by an L2 norm of at most SENSITIVITY = 1, and
   Gaussian noise of std sigma is added to every coordinate. Everything after that (dividing
   the parts by their weights, means, covariances, projection onto positive semi-definite
   matrices) is post-processing.

@@ -1,0 +1,124 @@
+"""Stage-2 diagnostics (tuning records; they read PRIVATE training data, so their results are
+development information, never published outputs of a run).
+
+    recon      all training images through a trained run's DP autoencoder (encoded and
+               decoded): the downstream ceiling that any stage 2 faces with it
+    gaussians  the run's class-Gaussian release repeated from the private latents with a
+               chosen noise multiplier (0: exact moments), or per-class mixtures from two
+               releases (--cells B): release A (--partition-sigma) gives each class's top B
+               principal directions, each record's cell is its sign pattern along them
+               (2^B cells per class), release B the cells' moments, with B's sigma chosen
+               so that the two compose to --sigma (1/sigma^2 = 1/sA^2 + 1/sB^2). Latents are
+               drawn from the Gaussians alone (no DP-trained correction) and decoded.
+
+Each writes a labelled npz; score it with
+`dplatent evaluate --synthetic NPZ --dataset DS --metrics cnn --seeds 1`. Example:
+
+    python benchmarks/stage2_diagnostics.py gaussians --run RUN --dataset mnist \\
+        --sigma 0.607 --cells 2 --partition-sigma 2.0 --weights weighted --out cells2.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dplatent import data
+from dplatent.diffusion import gaussian_base as gb
+from dplatent.sample import TrainedRun, save_npz
+from dplatent.train.stages import encode
+
+BATCH = 2000
+
+
+def decode(run: TrainedRun, z: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        x = run.autoencoder.decode(z.float().view(-1, *run.autoencoder.latent_shape))
+    return (x.clamp(0, 1)[:, 0].numpy() * 255).round().astype(np.uint8)
+
+
+def recon(run: TrainedRun, dataset: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+    train = data.load(dataset, "train", data_dir)
+    x = torch.from_numpy(train.to_float())
+    ae = run.autoencoder.eval()
+    with torch.no_grad():
+        parts = [decode(run, ae.encode(x[i:i + BATCH])) for i in range(0, len(x), BATCH)]
+    return np.concatenate(parts), train.y.astype(np.int64)
+
+
+def cells_of(z: torch.Tensor, y: torch.Tensor, means: torch.Tensor, covs: torch.Tensor,
+             bits: int) -> torch.Tensor:
+    """Each record's cell: the signs of (z - mean_y) along class y's top `bits` directions."""
+    if bits == 0:
+        return torch.zeros_like(y)
+    dirs = torch.linalg.eigh(covs)[1][:, :, -bits:]                 # [C, D, bits]
+    proj = torch.einsum("nd,ndb->nb", z - means[y], dirs[y])
+    return ((proj > 0).long() * (2 ** torch.arange(bits))).sum(1)
+
+
+def gaussians(run: TrainedRun, dataset: str, data_dir: str | None, *, sigma: float,
+              cells: int, partition_sigma: float, weights: str, num: int):
+    train = data.load(dataset, "train", data_dir)
+    with torch.no_grad():
+        z = encode(run.autoencoder, torch.from_numpy(train.to_float())).double()
+    y = torch.from_numpy(train.y).long()
+    classes, per_class = int(y.max()) + 1, 2 ** cells
+    labels, sigma_b = y, sigma
+    if cells:
+        if partition_sigma <= sigma:
+            raise SystemExit("--partition-sigma must exceed --sigma")
+        sigma_b = (sigma ** -2 - partition_sigma ** -2) ** -0.5
+        first = gb.release(z, y, classes, partition_sigma, torch.Generator().manual_seed(7),
+                           weights=weights)
+        m, c = gb.gaussians(first, "denoised")
+        labels = y * per_class + cells_of(z, y, m[:classes], c[:classes], cells)
+    sums = gb.release(z, labels, classes * per_class, sigma_b,
+                      torch.Generator().manual_seed(8 if cells else 7), weights=weights)
+    means, covs = gb.gaussians(sums, "denoised")
+    print(f"sigma {sigma} (release B {sigma_b:.3f}), {per_class} cell(s) per class", flush=True)
+    g = torch.Generator().manual_seed(0)
+    ys = torch.arange(num) % classes
+    draw = ys
+    if cells:
+        counts = (sums.count / sums.weights[1]).clamp_min(1.0).view(classes, per_class)
+        pick = torch.multinomial(counts / counts.sum(1, keepdim=True), num, replacement=True,
+                                 generator=g)
+        draw = ys * per_class + pick[ys, torch.arange(num)]
+    evals, evecs = torch.linalg.eigh(covs[:classes * per_class])
+    parts = []
+    for i in range(0, num, BATCH):
+        lb = draw[i:i + BATCH]
+        e = torch.randn(len(lb), z.shape[1], generator=g, dtype=torch.float64)
+        scaled = evecs[lb] * evals[lb].clamp_min(gb.EIG_FLOOR).sqrt()[:, None, :]
+        parts.append(decode(run, means[lb] + torch.einsum("nij,nj->ni", scaled, e)))
+    return np.concatenate(parts), ys.numpy()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=("recon", "gaussians"))
+    p.add_argument("--run", type=Path, required=True, help="trained run directory")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", type=Path, required=True, help="npz to write")
+    p.add_argument("--sigma", type=float, default=0.607, help="release noise multiplier")
+    p.add_argument("--cells", type=int, default=0, help="B: 2^B cells per class")
+    p.add_argument("--partition-sigma", type=float, default=2.0)
+    p.add_argument("--weights", choices=sorted(gb.RELEASE_WEIGHTS), default="equal")
+    p.add_argument("--num", type=int, default=60000)
+    a = p.parse_args()
+    run = TrainedRun(a.run, device="cpu")
+    if a.what == "recon":
+        x, y = recon(run, a.dataset, a.data_dir)
+    else:
+        x, y = gaussians(run, a.dataset, a.data_dir, sigma=a.sigma, cells=a.cells,
+                         partition_sigma=a.partition_sigma, weights=a.weights, num=a.num)
+    save_npz(a.out, x, y)
+    print(f"wrote {len(y)} images to {a.out}")
+
+
+if __name__ == "__main__":
+    main()

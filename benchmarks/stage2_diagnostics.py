@@ -60,14 +60,17 @@ def cells_of(z: torch.Tensor, y: torch.Tensor, means: torch.Tensor, covs: torch.
 
 
 def gaussians(run: TrainedRun, dataset: str, data_dir: str | None, *, sigma: float,
-              cells: int, partition_sigma: float, weights: str, num: int):
+              cells: int | None, partition_sigma: float, weights: str, num: int):
+    """cells None: one release at `sigma`; cells B >= 0: two releases composing to `sigma`
+    (B = 0 keeps one cell per class: release B alone, at its share of the noise)."""
     train = data.load(dataset, "train", data_dir)
     with torch.no_grad():
         z = encode(run.autoencoder, torch.from_numpy(train.to_float())).double()
     y = torch.from_numpy(train.y).long()
-    classes, per_class = int(y.max()) + 1, 2 ** cells
+    two = cells is not None
+    classes, per_class = int(y.max()) + 1, 2 ** (cells or 0)
     labels, sigma_b = y, sigma
-    if cells:
+    if two:
         if partition_sigma <= sigma:
             raise SystemExit("--partition-sigma must exceed --sigma")
         sigma_b = (sigma ** -2 - partition_sigma ** -2) ** -0.5
@@ -76,13 +79,13 @@ def gaussians(run: TrainedRun, dataset: str, data_dir: str | None, *, sigma: flo
         m, c = gb.gaussians(first, "denoised")
         labels = y * per_class + cells_of(z, y, m[:classes], c[:classes], cells)
     sums = gb.release(z, labels, classes * per_class, sigma_b,
-                      torch.Generator().manual_seed(8 if cells else 7), weights=weights)
+                      torch.Generator().manual_seed(8 if two else 7), weights=weights)
     means, covs = gb.gaussians(sums, "denoised")
     print(f"sigma {sigma} (release B {sigma_b:.3f}), {per_class} cell(s) per class", flush=True)
     g = torch.Generator().manual_seed(0)
     ys = torch.arange(num) % classes
     draw = ys
-    if cells:
+    if two:
         counts = (sums.count / sums.weights[1]).clamp_min(1.0).view(classes, per_class)
         pick = torch.multinomial(counts / counts.sum(1, keepdim=True), num, replacement=True,
                                  generator=g)
@@ -105,7 +108,8 @@ def main() -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", type=Path, required=True, help="npz to write")
     p.add_argument("--sigma", type=float, default=0.607, help="release noise multiplier")
-    p.add_argument("--cells", type=int, default=0, help="B: 2^B cells per class")
+    p.add_argument("--cells", type=int, default=None,
+                   help="B: two releases, 2^B cells per class (default: one release)")
     p.add_argument("--partition-sigma", type=float, default=2.0)
     p.add_argument("--weights", choices=sorted(gb.RELEASE_WEIGHTS), default="equal")
     p.add_argument("--num", type=int, default=60000)

@@ -86,7 +86,7 @@ def gaussians(run: TrainedRun, dataset: str, data_dir: str | None, *, sigma: flo
     ys = torch.arange(num) % classes
     draw = ys
     if two:
-        counts = (sums.count / sums.weights[1]).clamp_min(1.0).view(classes, per_class)
+        counts = gb.class_counts(sums).view(classes, per_class)
         pick = torch.multinomial(counts / counts.sum(1, keepdim=True), num, replacement=True,
                                  generator=g)
         draw = ys * per_class + pick[ys, torch.arange(num)]

@@ -82,6 +82,12 @@ def test_covariance_noise_is_sigma_r2_over_weight_and_count(weights):
                                    rtol=0.15)
 
 
+def test_every_configurable_release_has_unit_norm_weights():
+    assert tuple(gb.RELEASE_WEIGHTS) == config.GAUSSIAN_RELEASES
+    for w in gb.RELEASE_WEIGHTS.values():
+        assert math.hypot(*w) == pytest.approx(gb.SENSITIVITY)
+
+
 def test_weighted_release_puts_less_noise_on_the_covariances_at_the_same_sigma():
     z, y = _latents(600, 5, 3, seed=2)
     std = {name: gb.covariance_noise_std(gb.release(z, y, 3, 0.1, torch.Generator(),

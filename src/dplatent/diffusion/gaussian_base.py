@@ -10,10 +10,9 @@ Release (one Gaussian mechanism on the private latents, recorded in the ledger a
       w_3 z z^T / R^2    to the class's second-moment sum (Frobenius norm <= w_3),
   with weights (w_1, w_2, w_3), w_1^2 + w_2^2 + w_3^2 = 1 (RELEASE_WEIGHTS, chosen by
   `release(weights=)`). Adding or removing one record changes the concatenation of all
-  these sums by an L2 norm of at most SENSITIVITY = 1, and
-  Gaussian noise of std sigma is added to every coordinate. Everything after that (dividing
-  the parts by their weights, means, covariances, projection onto positive semi-definite
-  matrices) is post-processing.
+  these sums by an L2 norm of at most SENSITIVITY = 1, and Gaussian noise of std sigma is
+  added to every coordinate. Everything after that (dividing the parts by their weights,
+  means, covariances, projection onto positive semi-definite matrices) is post-processing.
   The noise on part k is sigma / w_k. 'equal' gives each part sqrt(3) sigma. 'weighted'
   puts the budget where the noise hurts: the covariances need the most accuracy, since
   their noise spreads over D^2 entries, and get 1.05 sigma; a mean needs less (its noise,
@@ -46,13 +45,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dplatent.config import GAUSSIAN_COVARIANCES
+from dplatent.config import GAUSSIAN_COVARIANCES, GAUSSIAN_RELEASES
 
-# weights of (first moment, count, second moment); each set has unit norm
+# weights of (first moment, count, second moment), one set per GAUSSIAN_RELEASES name; each
+# set has unit norm
 RELEASE_WEIGHTS = {"equal": (1 / math.sqrt(3),) * 3,
                    "weighted": (0.3, 0.1, math.sqrt(1 - 0.3 ** 2 - 0.1 ** 2))}
 SENSITIVITY = 1.0   # L2 sensitivity of the weighted sums under add/remove
-EIG_FLOOR = 1e-3               # covariance eigenvalues are clipped to at least this
+EIG_FLOOR = 1e-3    # covariance eigenvalues are clipped to at least this
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,8 @@ def release(z: torch.Tensor, y: torch.Tensor, num_classes: int, noise_multiplier
     """The only function here that reads private data: latents [N, D] and labels [N] ->
     the noisy sums. The caller records the ledger event (privacy/accounting.py)."""
     radius = math.sqrt(max(z.shape[1] - 1, 1))
-    if weights not in RELEASE_WEIGHTS:
-        raise ValueError(f"weights must be one of {tuple(RELEASE_WEIGHTS)}, got {weights!r}")
+    if weights not in GAUSSIAN_RELEASES:
+        raise ValueError(f"weights must be one of {GAUSSIAN_RELEASES}, got {weights!r}")
     sums = class_sums(z.cpu(), y.cpu(), num_classes, radius, RELEASE_WEIGHTS[weights])
     return add_noise(sums, noise_multiplier, generator)
 
@@ -117,9 +117,9 @@ def gaussians(sums: NoisySums, covariance: str = "psd") -> tuple[torch.Tensor, t
     if covariance not in GAUSSIAN_COVARIANCES:
         raise ValueError(f"covariance must be one of {GAUSSIAN_COVARIANCES}, "
                          f"got {covariance!r}")
-    w_first, w_count, w_second = sums.weights
+    w_first, _, w_second = sums.weights
     r = sums.radius
-    count = (sums.count / w_count).clamp_min(1.0)[:, None]
+    count = class_counts(sums)[:, None]
     means = sums.first / w_first / count * r
     second = sums.second / w_second / count[..., None] * r * r
     second = (second + second.transpose(1, 2)) / 2
@@ -134,11 +134,15 @@ def gaussians(sums: NoisySums, covariance: str = "psd") -> tuple[torch.Tensor, t
     return torch.cat([means, mix_mean[None]]), torch.cat([covs, mix_cov[None]])
 
 
+def class_counts(sums: NoisySums) -> torch.Tensor:
+    """[C]: the released (noisy) record count of each class, at least 1."""
+    return (sums.count / sums.weights[1]).clamp_min(1.0)
+
+
 def covariance_noise_std(sums: NoisySums) -> torch.Tensor:
     """[C]: std of the release's noise on each entry of a class covariance (before
     symmetrising), in latent units: sigma R^2 / (w_3 count)."""
-    count = (sums.count / sums.weights[1]).clamp_min(1.0)
-    return sums.noise_std / sums.weights[2] * sums.radius ** 2 / count
+    return sums.noise_std / sums.weights[2] * sums.radius ** 2 / class_counts(sums)
 
 
 def denoised(raw: torch.Tensor, entry_std: torch.Tensor) -> torch.Tensor:

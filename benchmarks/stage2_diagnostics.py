@@ -7,7 +7,8 @@ development information, never published outputs of a run).
                chosen noise multiplier (0: exact moments), or per-class mixtures from two
                releases (--cells B): release A (--partition-sigma) gives each class's top B
                principal directions, each record's cell is its sign pattern along them
-               (2^B cells per class), release B the cells' moments, with B's sigma chosen
+               (2^B cells per class), release B the cells' moments (gaussian_base.partition and
+               cell_of, as diffusion.gaussian_partition does), with B's sigma chosen
                so that the two compose to --sigma (1/sigma^2 = 1/sA^2 + 1/sB^2). Latents are
                drawn from the Gaussians alone (no DP-trained correction) and decoded.
 
@@ -49,16 +50,6 @@ def recon(run: TrainedRun, dataset: str, data_dir: str | None) -> tuple[np.ndarr
     return np.concatenate(parts), train.y.astype(np.int64)
 
 
-def cells_of(z: torch.Tensor, y: torch.Tensor, means: torch.Tensor, covs: torch.Tensor,
-             bits: int) -> torch.Tensor:
-    """Each record's cell: the signs of (z - mean_y) along class y's top `bits` directions."""
-    if bits == 0:
-        return torch.zeros_like(y)
-    dirs = torch.linalg.eigh(covs)[1][:, :, -bits:]                 # [C, D, bits]
-    proj = torch.einsum("nd,ndb->nb", z - means[y], dirs[y])
-    return ((proj > 0).long() * (2 ** torch.arange(bits))).sum(1)
-
-
 def gaussians(run: TrainedRun, dataset: str, data_dir: str | None, *, sigma: float,
               cells: int | None, partition_sigma: float, weights: str, num: int):
     """cells None: one release at `sigma`; cells B >= 0: two releases composing to `sigma`
@@ -76,8 +67,7 @@ def gaussians(run: TrainedRun, dataset: str, data_dir: str | None, *, sigma: flo
         sigma_b = (sigma ** -2 - partition_sigma ** -2) ** -0.5
         first = gb.release(z, y, classes, partition_sigma, torch.Generator().manual_seed(7),
                            weights=weights)
-        m, c = gb.gaussians(first, "denoised")
-        labels = y * per_class + cells_of(z, y, m[:classes], c[:classes], cells)
+        labels = y * per_class + gb.cell_of(z, y, *gb.partition(first, "denoised", cells))
     sums = gb.release(z, labels, classes * per_class, sigma_b,
                       torch.Generator().manual_seed(8 if two else 7), weights=weights)
     means, covs = gb.gaussians(sums, "denoised")
@@ -86,8 +76,7 @@ def gaussians(run: TrainedRun, dataset: str, data_dir: str | None, *, sigma: flo
     ys = torch.arange(num) % classes
     draw = ys
     if two:
-        counts = gb.class_counts(sums).view(classes, per_class)
-        pick = torch.multinomial(counts / counts.sum(1, keepdim=True), num, replacement=True,
+        pick = torch.multinomial(gb.cell_weights(sums, per_class), num, replacement=True,
                                  generator=g)
         draw = ys * per_class + pick[ys, torch.arange(num)]
     evals, evecs = torch.linalg.eigh(covs[:classes * per_class])

@@ -95,7 +95,7 @@ def plan(dataset: DatasetOpt = "mnist",
     subset = f" (random subset of {p.source_records})" if p.source_records != p.n else ""
     typer.echo(f"budget: epsilon={p.target_epsilon:g} delta={p.delta:g} n={p.n}{subset}")
     for s in p.stages:
-        typer.echo(f"  {s.stage:15s} sigma={s.noise_multiplier:.4f} q={s.sample_rate:.5f} "
+        typer.echo(f"  {s.stage:16s} sigma={s.noise_multiplier:.4f} q={s.sample_rate:.5f} "
                    f"steps={s.steps} C={s.clip_norm:g} batch={s.batch_size} "
                    f"epsilon_alone={s.epsilon_alone:.3f}")
     typer.echo(f"composed epsilon: {p.epsilon:.4f} (target {p.target_epsilon:g})")

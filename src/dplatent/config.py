@@ -19,6 +19,7 @@ from dplatent.errors import ConfigError
 # Estimates of the released class covariances (diffusion/gaussian_base.py)
 GAUSSIAN_COVARIANCES = ("psd", "denoised")
 GAUSSIAN_RELEASES = ("equal", "weighted")
+MAX_PARTITION = 6                     # diffusion.gaussian_partition: at most 64 cells
 UPSAMPLING = ("nearest", "shuffle")   # autoencoder.upsample
 PREDICTIONS = ("v", "epsilon")        # diffusion.prediction
 
@@ -92,6 +93,11 @@ class DiffusionConfig:
     # How the release's noise is shared between the class means and the covariances: 'equal'
     # or 'weighted' (less on the covariances; diffusion/gaussian_base.py). Same epsilon.
     gaussian_release: str = "equal"
+    # Per-class mixtures: 0 releases one Gaussian per class; B > 0 splits each class into 2^B
+    # cells by the signs along its top B principal directions (taken from a first, noisier
+    # release: privacy.partition_share of the release's precision) and releases one Gaussian
+    # per cell, weighted by the cell's released count. Same epsilon (diffusion/gaussian_base.py).
+    gaussian_partition: int = 0
 
     def __post_init__(self) -> None:
         _check(self.hidden > 0 and self.blocks > 0 and self.expansion > 0,
@@ -109,6 +115,11 @@ class DiffusionConfig:
         _check(1 <= self.timestep_skew <= 10, "diffusion.timestep_skew must be in [1, 10]")
         _one_of("diffusion.gaussian_covariance", self.gaussian_covariance, GAUSSIAN_COVARIANCES)
         _one_of("diffusion.gaussian_release", self.gaussian_release, GAUSSIAN_RELEASES)
+        _check(0 <= self.gaussian_partition <= MAX_PARTITION,
+               f"diffusion.gaussian_partition must be in [0, {MAX_PARTITION}] (2^B cells per "
+               f"class), got {self.gaussian_partition}")
+        _check(self.gaussian_base or not self.gaussian_partition,
+               "diffusion.gaussian_partition needs diffusion.gaussian_base = true")
         _one_of("diffusion.prediction", self.prediction, PREDICTIONS)
 
 
@@ -123,6 +134,9 @@ class PrivacyConfig:
     # with diffusion.gaussian_base: the autoencoder and the latent Gaussians together get
     # (autoencoder_share + gaussian_share) of epsilon; the denoiser the rest
     gaussian_share: float = 0.25
+    # with diffusion.gaussian_partition > 0: the share of the release's precision (1/sigma^2)
+    # spent on the first release, which only chooses the cells' directions
+    partition_share: float = 0.1
     # True trains both stages with noise multiplier 0 (clipping kept): NOT PRIVATE, no epsilon.
     # Only to show that the privacy audit detects leakage; never the default.
     non_private_control: bool = False
@@ -136,6 +150,7 @@ class PrivacyConfig:
                f"privacy.accountant must be 'prv' or 'rdp', got {self.accountant!r}")
         _check(0 < self.autoencoder_share < 1, "privacy.autoencoder_share must be in (0, 1)")
         _check(0 < self.gaussian_share < 1, "privacy.gaussian_share must be in (0, 1)")
+        _check(0 < self.partition_share < 1, "privacy.partition_share must be in (0, 1)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,7 +28,22 @@ Covariances from the noisy sums (post-processing, `covariance=`):
              direction gets the variance the trace leaves over (the trace is unbiased). With
              'psd', those directions collapse to the floor although the data vary there.
 
-Use: `GaussianBase` is the exact v- (or epsilon-) predictor for data drawn from N(mu_y, S_y).
+Per-class mixtures (`release_partitioned`, diffusion.gaussian_partition = B > 0): one Gaussian
+per class misses the shape of a class (MNIST's sevens with and without a bar). Two releases:
+  A (noise sigma_A) of the class sums as above; post-processing gives each class's mean and its
+    top B principal directions, which are public from then on;
+  B (noise sigma_B) of the same sums with every record counted in its cell instead of its
+    class: the cell is the sign pattern of (z - mean_c) along class c's B directions, so
+    2^B cells per class and each record in exactly one. Given A's output the sums of B have
+    sensitivity 1 as before.
+Both are Gaussian mechanisms of sensitivity 1 on all records, so together they are exactly one
+Gaussian mechanism with 1/sigma^2 = 1/sigma_A^2 + 1/sigma_B^2 (their Renyi divergences add):
+the plan (privacy/accounting.py) calibrates sigma for the release and gives A the share
+privacy.partition_share of that precision; the ledger records both. Each cell gets a Gaussian,
+and within its class the weight of its released count.
+
+Use: `GaussianBase` is the exact v- (or epsilon-) predictor for data drawn from N(mu_y, S_y)
+(or, with cells, from the mixture of class y's cells).
 The denoiser adds its learned output to it (models/denoiser.py), so DP-SGD starts from the DP
 Gaussian model and only learns what the Gaussian misses (a warm start in the spirit of
 DP-FETA, which warms up on noisy statistics of the private data). The null label of
@@ -110,10 +125,54 @@ def release(z: torch.Tensor, y: torch.Tensor, num_classes: int, noise_multiplier
     return add_noise(sums, noise_multiplier, generator)
 
 
-def gaussians(sums: NoisySums, covariance: str = "psd") -> tuple[torch.Tensor, torch.Tensor]:
-    """Post-processing: means [C+1, D] and PSD covariances [C+1, D, D] in latent units; row C
-    is the moment-matched Gaussian of the balanced mixture (the null label). `covariance`:
-    how the class covariances are estimated (module docstring)."""
+def release_partitioned(z: torch.Tensor, y: torch.Tensor, num_classes: int, directions: int,
+                        noise_multipliers: tuple[float, float], generator: torch.Generator,
+                        weights: str = "equal", covariance: str = "psd"
+                        ) -> tuple[NoisySums, torch.Tensor, torch.Tensor]:
+    """The two releases of the per-class mixtures (module docstring): release A with
+    noise_multipliers[0] -> the public partition (`partition`); release B with
+    noise_multipliers[1] of the cells' sums, cell c * 2^B + k for cell k of class c. Returns
+    B's sums and the partition (centres [C, D], directions [C, D, B]). The caller records both
+    ledger events."""
+    sums_a = release(z, y, num_classes, noise_multipliers[0], generator, weights)
+    centres, dirs = partition(sums_a, covariance, directions)
+    cells = y.cpu().long() * 2 ** directions + cell_of(z.cpu(), y.cpu(), centres, dirs)
+    sums = release(z, cells, num_classes * 2 ** directions, noise_multipliers[1], generator,
+                   weights)
+    return sums, centres, dirs
+
+
+def partition(sums: NoisySums, covariance: str, directions: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Post-processing of a class release: each class's mean [C, D] and its top `directions`
+    principal directions [C, D, B] (eigenvectors of the estimated covariance, largest last)."""
+    means, covs = gaussians(sums, covariance)
+    num_classes = len(means) - 1
+    evecs = torch.linalg.eigh(covs[:num_classes])[1]
+    return means[:num_classes], evecs[:, :, evecs.shape[-1] - directions:]
+
+
+def cell_of(z: torch.Tensor, y: torch.Tensor, centres: torch.Tensor,
+            directions: torch.Tensor) -> torch.Tensor:
+    """[N]: each latent's cell within its class, sum_b 2^b [(z - centre_y) . direction_yb > 0]."""
+    proj = torch.einsum("nd,ndb->nb", z.to(centres.dtype) - centres[y],
+                        directions[y].to(centres.dtype))
+    return ((proj > 0).long() * 2 ** torch.arange(directions.shape[-1])).sum(1)
+
+
+def cell_weights(sums: NoisySums, cells_per_class: int) -> torch.Tensor:
+    """[C, K]: each cell's share of its class, from the released counts (rows sum to 1)."""
+    counts = class_counts(sums).view(-1, cells_per_class)
+    return counts / counts.sum(1, keepdim=True)
+
+
+def gaussians(sums: NoisySums, covariance: str = "psd",
+              cells_per_class: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Post-processing: means [M+1, D] and PSD covariances [M+1, D, D] in latent units, one
+    row per released group (M = C classes, or C * K cells, K = cells_per_class, class c's
+    cells in rows c K .. c K + K - 1); row M is the moment-matched Gaussian of the balanced
+    class mixture (the null label), cells weighted by `cell_weights`. `covariance`: how the
+    covariances are estimated (module docstring)."""
     if covariance not in GAUSSIAN_COVARIANCES:
         raise ValueError(f"covariance must be one of {GAUSSIAN_COVARIANCES}, "
                          f"got {covariance!r}")
@@ -128,8 +187,10 @@ def gaussians(sums: NoisySums, covariance: str = "psd") -> tuple[torch.Tensor, t
         covs = psd(raw)
     else:
         covs = denoised(raw, covariance_noise_std(sums))
-    mix_mean = means.mean(0)
-    mix_second = (covs + torch.einsum("ci,cj->cij", means, means)).mean(0)
+    share = (cell_weights(sums, cells_per_class) / (len(means) // cells_per_class)).flatten()
+    mix_mean = share @ means
+    mix_second = torch.einsum("m,mij->ij", share,
+                              covs + torch.einsum("ci,cj->cij", means, means))
     mix_cov = psd(mix_second - torch.outer(mix_mean, mix_mean))
     return torch.cat([means, mix_mean[None]]), torch.cat([covs, mix_cov[None]])
 
@@ -175,41 +236,79 @@ def psd(m: torch.Tensor) -> torch.Tensor:
 class GaussianBase(nn.Module):
     """Exact denoiser for z0 ~ N(mu_y, S_y) under z_t = sqrt(a) z0 + sqrt(1 - a) eps:
     E[z0 | z_t] = mu + sqrt(a) S (a S + (1 - a) I)^-1 (z_t - sqrt(a) mu), computed in S's
-    eigenbasis. Buffers only: nothing here is trained."""
+    eigenbasis. With K = cells_per_class > 1, class y is the mixture of its K cells' Gaussians
+    with weights w_yk, and E[z0 | z_t, y] = sum_k p(k | z_t, y) E[z0 | z_t, k], where
+    p(k | z_t, y) is proportional to w_yk N(z_t; sqrt(a) mu_k, a S_k + (1 - a) I). The null
+    label is one Gaussian (row C K). Buffers only: nothing here is trained."""
 
     def __init__(self, *, num_classes: int, dim: int, alphas_cumprod: torch.Tensor,
-                 prediction: str):
+                 prediction: str, cells_per_class: int = 1):
         super().__init__()
         self.prediction = prediction
-        self.register_buffer("means", torch.zeros(num_classes + 1, dim))
-        self.register_buffer("evals", torch.ones(num_classes + 1, dim))
-        self.register_buffer("evecs", torch.eye(dim).repeat(num_classes + 1, 1, 1))
+        self.num_classes, self.cells = num_classes, cells_per_class
+        groups = num_classes * cells_per_class + 1
+        self.register_buffer("means", torch.zeros(groups, dim))
+        self.register_buffer("evals", torch.ones(groups, dim))
+        self.register_buffer("evecs", torch.eye(dim).repeat(groups, 1, 1))
         self.register_buffer("alphas_cumprod", alphas_cumprod.float().clone())
+        if cells_per_class > 1:  # runs without cells keep their state dict as it was
+            self.register_buffer("log_cell_weights", torch.full(
+                (num_classes, cells_per_class), -math.log(cells_per_class)))
 
     @torch.no_grad()
-    def set_gaussians(self, means: torch.Tensor, covs: torch.Tensor) -> None:
+    def set_gaussians(self, means: torch.Tensor, covs: torch.Tensor,
+                      cell_weights: torch.Tensor | None = None) -> None:
+        """means [C K + 1, D], covs [C K + 1, D, D] (`gaussians`); cell_weights [C, K]
+        (`cell_weights`), needed when K > 1."""
         evals, evecs = torch.linalg.eigh(covs.double())
         self.means.copy_(means)
         self.evals.copy_(evals.clamp_min(EIG_FLOOR))
         self.evecs.copy_(evecs)
+        if self.cells > 1:
+            if cell_weights is None:
+                raise ValueError("a base with cells needs the cells' weights")
+            self.log_cell_weights.copy_(cell_weights.clamp_min(1e-12).log())
 
     def denoised(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """E[z0 | z_t, y]; z: [..., D], t and y: [...]. The eigenbasis changes run per label
-        (at most C + 1 matrix products) instead of gathering a D x D matrix per example."""
+        """E[z0 | z_t, y]; z: [..., D], t and y: [...]. The eigenbasis changes run per group
+        (at most C K + 1 matrix products) instead of gathering a D x D matrix per example;
+        the cells' posterior weights are accumulated one cell at a time (log-sum-exp)."""
         shape = z.shape
         z, t, y = z.reshape(-1, shape[-1]), t.reshape(-1), y.reshape(-1)
         a = self.alphas_cumprod[t].unsqueeze(-1)
-        mu, lam = self.means[y], self.evals[y]
-        u = self._per_label(z - a.sqrt() * mu, y, transpose=False)
-        u = u * (a.sqrt() * lam / (a * lam + 1 - a))
-        return (mu + self._per_label(u, y, transpose=True)).reshape(shape)
+        null = y == self.num_classes
+        group = torch.where(null, len(self.means) - 1, y * self.cells)
+        if self.cells == 1:
+            return self._component(z, a, group)[0].reshape(shape)
+        best = torch.full_like(a, -math.inf)
+        total, acc = torch.zeros_like(a), torch.zeros_like(z)
+        for k in range(self.cells):
+            rows = torch.arange(len(z), device=z.device) if k == 0 else (~null).nonzero()[:, 0]
+            mean, loglik = self._component(z[rows], a[rows], group[rows] + k * ~null[rows])
+            logw = self.log_cell_weights[y[rows].clamp(max=self.num_classes - 1), k]
+            score = (loglik + torch.where(null[rows], 0.0, logw)).unsqueeze(-1)
+            top = torch.maximum(best[rows], score)
+            old, new = (best[rows] - top).exp(), (score - top).exp()
+            best[rows], total[rows] = top, total[rows] * old + new
+            acc[rows] = acc[rows] * old + new * mean
+        return (acc / total).reshape(shape)
 
-    def _per_label(self, v: torch.Tensor, y: torch.Tensor, transpose: bool) -> torch.Tensor:
-        """Row i of v times evecs[y_i] (into the eigenbasis) or its transpose (back out)."""
+    def _component(self, z: torch.Tensor, a: torch.Tensor,
+                   group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For z_t [N, D] and each row's Gaussian `group`: E[z0 | z_t] [N, D] and
+        log N(z_t; sqrt(a) mu, a S + (1 - a) I) [N] up to a constant."""
+        mu, lam = self.means[group], self.evals[group]
+        u = self._per_group(z - a.sqrt() * mu, group, transpose=False)
+        var = a * lam + 1 - a
+        loglik = -0.5 * ((u * u / var) + var.log()).sum(-1)
+        return mu + self._per_group(u * (a.sqrt() * lam / var), group, transpose=True), loglik
+
+    def _per_group(self, v: torch.Tensor, group: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """Row i of v times evecs[group_i] (into the eigenbasis) or its transpose (back out)."""
         out = torch.empty_like(v)
-        for label in torch.unique(y).tolist():
-            rows = (y == label).nonzero(as_tuple=True)[0]
-            vec = self.evecs[label]
+        for g in torch.unique(group).tolist():
+            rows = (group == g).nonzero(as_tuple=True)[0]
+            vec = self.evecs[g]
             out[rows] = v[rows] @ (vec.T if transpose else vec)
         return out
 

@@ -9,6 +9,7 @@ sizes, epochs, the budget share of stage 1) into each stage's sigma; it never se
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -33,6 +34,10 @@ PRV_EPS_ERROR = 0.01
 # With diffusion.gaussian_base: one Gaussian mechanism on the normalised moment sums of all
 # latents (diffusion/gaussian_base.py), i.e. sample rate 1, one step, clip norm = sensitivity.
 GAUSSIAN_STAGE = "latent_gaussian"
+# With diffusion.gaussian_partition > 0 the release is two such mechanisms: this one (its share
+# privacy.partition_share of the precision 1/sigma^2) chooses the cells, GAUSSIAN_STAGE (the
+# rest) releases them. Gaussian mechanisms compose exactly: 1/sigma^2 adds.
+PARTITION_STAGE = "latent_partition"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,6 +200,19 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def split_release(event: DPEvent, partition_share: float) -> list[DPEvent]:
+    """The release of the latent Gaussians as two Gaussian mechanisms whose composition is
+    exactly `event` (one step each, sample rate 1): PARTITION_STAGE with precision share
+    `partition_share` (sigma / sqrt(share)), then `event`'s stage with the rest."""
+    if event.sample_rate != 1 or event.steps != 1:
+        raise PrivacyError(f"{event.stage}: only a single full-batch Gaussian mechanism splits "
+                           "exactly into two")
+    sigma = event.noise_multiplier
+    return [dataclasses.replace(event, stage=PARTITION_STAGE,
+                                noise_multiplier=sigma / math.sqrt(partition_share)),
+            dataclasses.replace(event, noise_multiplier=sigma / math.sqrt(1 - partition_share))]
+
+
 def steps_for(epochs: float, n: int, batch_size: int) -> int:
     return max(1, math.ceil(epochs * n / batch_size))
 
@@ -229,6 +247,8 @@ def plan(n: int, cfg: RunConfig) -> PrivacyPlan:
     if cfg.diffusion.gaussian_base:  # one Gaussian mechanism on all records: q = 1, 1 step
         specs.insert(1, (GAUSSIAN_STAGE, n, 1.0, 1, GAUSSIAN_SENSITIVITY))
     if p.non_private_control:
+        if cfg.diffusion.gaussian_partition:
+            specs.insert(1, (PARTITION_STAGE, n, 1.0, 1, GAUSSIAN_SENSITIVITY))
         stages = tuple(StagePlan(stage=name, batch_size=b, sample_rate=q, steps=t,
                                  noise_multiplier=0.0, clip_norm=c, mechanism=NO_NOISE,
                                  epsilon_alone=math.inf) for name, b, q, t, c in specs)
@@ -243,16 +263,21 @@ def plan(n: int, cfg: RunConfig) -> PrivacyPlan:
         targets.append(p.epsilon * (p.autoencoder_share + p.gaussian_share))
     targets.append(p.epsilon)
     events: list[DPEvent] = []
-    for (name, _, q, t, c), target in zip(specs, targets):
+    batch_sizes: list[int] = []
+    for (name, b, q, t, c), target in zip(specs, targets):
         sigma = calibrate_sigma(target_epsilon=target, delta=p.delta, prior=events, stage=name,
                                 sample_rate=q, steps=t, clip_norm=c, accountant=p.accountant)
-        events.append(DPEvent(stage=name, noise_multiplier=sigma, sample_rate=q, steps=t,
-                              clip_norm=c))
+        event = DPEvent(stage=name, noise_multiplier=sigma, sample_rate=q, steps=t,
+                        clip_norm=c)
+        split = (split_release(event, p.partition_share)
+                 if name == GAUSSIAN_STAGE and cfg.diffusion.gaussian_partition else [event])
+        events.extend(split)
+        batch_sizes.extend([b] * len(split))
     stages = tuple(
-        StagePlan(stage=ev.stage, batch_size=spec[1], sample_rate=ev.sample_rate,
+        StagePlan(stage=ev.stage, batch_size=b, sample_rate=ev.sample_rate,
                   steps=ev.steps, noise_multiplier=ev.noise_multiplier, clip_norm=ev.clip_norm,
                   epsilon_alone=epsilon([ev], p.delta, p.accountant))
-        for ev, spec in zip(events, specs))
+        for ev, b in zip(events, batch_sizes))
     total = epsilon(events, p.delta, p.accountant)
     if total > p.epsilon:
         raise PrivacyError(f"calibration failed: composed epsilon {total} > {p.epsilon}")

@@ -4,6 +4,7 @@ stage 1: DP autoencoder on private images          -> ledger entry 'autoencoder'
          frozen encoder maps private images to latents (private; kept in memory only)
 (with diffusion.gaussian_base)
          DP class Gaussians of the latents          -> ledger entry 'latent_gaussian'
+         (with diffusion.gaussian_partition: first the cells' directions -> 'latent_partition')
 stage 2: DP class-conditional denoiser on latents  -> ledger entry 'diffusion'
 """
 
@@ -28,11 +29,15 @@ from dplatent.errors import ConfigError, PrivacyError
 from dplatent.io import atomic_write, write_json
 from dplatent.models.autoencoder import Autoencoder, latent_shape, reconstruction_loss
 from dplatent.models.denoiser import Denoiser
-from dplatent.privacy.accounting import GAUSSIAN_STAGE, PrivacyPlan, plan as make_plan
+from dplatent.privacy.accounting import GAUSSIAN_STAGE, PARTITION_STAGE, PrivacyPlan
+from dplatent.privacy.accounting import plan as make_plan
 from dplatent.privacy.ledger import FILENAME as LEDGER
 from dplatent.privacy.ledger import Ledger
 from dplatent.train import distributed
 from dplatent.train.loop import StageSettings, checkpoint_path, load_checkpoint, train_stage
+
+
+Gaussians = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # means, covariances, cell weights
 
 
 def build_autoencoder(cfg: RunConfig, channels: int, image_size: int) -> Autoencoder:
@@ -43,15 +48,17 @@ def build_autoencoder(cfg: RunConfig, channels: int, image_size: int) -> Autoenc
 
 
 def build_denoiser(cfg: RunConfig, dim: int, num_classes: int,
-                   gaussians: tuple[torch.Tensor, torch.Tensor] | None = None) -> Denoiser:
+                   gaussians: Gaussians | None = None) -> Denoiser:
     """With `diffusion.gaussian_base`, the denoiser carries the Gaussian base: set from
-    `gaussians` (means, covariances) when given, else left to a checkpoint to fill."""
+    `gaussians` (means, covariances, cell weights) when given, else left to a checkpoint to
+    fill."""
     d = cfg.diffusion
     base = None
     if d.gaussian_base:
         base = gaussian_base.GaussianBase(
             num_classes=num_classes, dim=dim, prediction=d.prediction,
-            alphas_cumprod=alphas_cumprod(d.train_timesteps, d.beta_schedule))
+            alphas_cumprod=alphas_cumprod(d.train_timesteps, d.beta_schedule),
+            cells_per_class=2 ** d.gaussian_partition)
         if gaussians is not None:
             base.set_gaussians(*gaussians)
     return Denoiser(dim=dim, num_classes=num_classes, hidden=d.hidden, blocks=d.blocks,
@@ -86,7 +93,7 @@ def check_release_kept(run_dir: Path) -> None:
     time outside the budget."""
     path = checkpoint_path(run_dir, GAUSSIAN_STAGE)
     if (run_dir / LEDGER).is_file() and not path.is_file() \
-            and Ledger.load(run_dir).steps(GAUSSIAN_STAGE):
+            and any(Ledger.load(run_dir).steps(s) for s in (PARTITION_STAGE, GAUSSIAN_STAGE)):
         raise PrivacyError(f"{run_dir}: the ledger records a release of the latent Gaussians "
                            f"but {path} is missing; releasing them again would read the "
                            "private data outside the budget. Start a new run.")
@@ -94,33 +101,50 @@ def check_release_kept(run_dir: Path) -> None:
 
 def release_gaussians(latents: torch.Tensor, labels: torch.Tensor, num_classes: int,
                       cfg: RunConfig, plan: PrivacyPlan, ledger: Ledger,
-                      run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The DP class Gaussians of the latents (means, covariances), released once per run: the
-    release is saved (ledger entry first, then the file), and a resumed run loads it instead
-    of reading the private data again (`check_release_kept` guards a lost file)."""
+                      run_dir: Path) -> Gaussians:
+    """The DP Gaussians of the latents (means, covariances and cell weights; `gaussian_base`),
+    released once per run: the release is saved (ledger entries first, then the file), and a
+    resumed run loads it instead of reading the private data again (`check_release_kept`
+    guards a lost file). With diffusion.gaussian_partition, two releases (cells)."""
     path = checkpoint_path(run_dir, GAUSSIAN_STAGE)
-    stage = plan.stage(GAUSSIAN_STAGE)
+    d = cfg.diffusion
+    stages = [plan.stage(GAUSSIAN_STAGE)]
+    if d.gaussian_partition:
+        stages.insert(0, plan.stage(PARTITION_STAGE))
     if path.is_file():
         ck = load_checkpoint(path)
-        ledger.record(stage.event(steps=1))
-        return ck["means"], ck["covs"]
+        for stage in stages:
+            ledger.record(stage.event(steps=1))
+        return ck["means"], ck["covs"], ck.get("cell_weights", torch.ones(num_classes, 1))
     gen = torch.Generator().manual_seed(cfg.seed * 2 + 7)  # the same draw on every process
-    sums = gaussian_base.release(latents, labels, num_classes, stage.noise_multiplier, gen,
-                                 weights=cfg.diffusion.gaussian_release)
-    means, covs = gaussian_base.gaussians(sums, cfg.diffusion.gaussian_covariance)
-    ledger.record(stage.event(steps=1))
+    saved = {}
+    if d.gaussian_partition:
+        sums, saved["partition_centres"], saved["partition_directions"] = \
+            gaussian_base.release_partitioned(
+                latents, labels, num_classes, d.gaussian_partition,
+                (stages[0].noise_multiplier, stages[1].noise_multiplier), gen,
+                weights=d.gaussian_release, covariance=d.gaussian_covariance)
+    else:
+        sums = gaussian_base.release(latents, labels, num_classes, stages[0].noise_multiplier,
+                                     gen, weights=d.gaussian_release)
+    cells = 2 ** d.gaussian_partition
+    means, covs = gaussian_base.gaussians(sums, d.gaussian_covariance, cells)
+    weights = gaussian_base.cell_weights(sums, cells)
+    for stage in stages:
+        ledger.record(stage.event(steps=1))
     if distributed.is_main():
         ledger.save(run_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda p: torch.save({"means": means, "covs": covs}, p))
+        atomic_write(path, lambda p: torch.save(
+            {"means": means, "covs": covs, "cell_weights": weights, **saved}, p))
     distributed.barrier()
-    return means, covs
+    return means, covs, weights
 
 
 def train_diffusion(latents: torch.Tensor, labels: torch.Tensor, num_classes: int,
                     cfg: RunConfig, plan: PrivacyPlan, ledger: Ledger, run_dir: Path,
                     progress: bool = True,
-                    gaussians: tuple[torch.Tensor, torch.Tensor] | None = None) -> Denoiser:
+                    gaussians: Gaussians | None = None) -> Denoiser:
     d = cfg.diffusion
     model = build_denoiser(cfg, latents.shape[1], num_classes,
                            gaussians).to(latents.device)

@@ -227,7 +227,9 @@ def training_records(n: int, cfg: RunConfig) -> int:
 
 def plan(n: int, cfg: RunConfig) -> PrivacyPlan:
     """Noise multipliers for every stage from public quantities only: the autoencoder, the
-    latent Gaussians when `diffusion.gaussian_base` is set, and the denoiser.
+    latent Gaussians when `diffusion.gaussian_base` is set (calibrated as one Gaussian
+    mechanism, then split into two by `split_release` with `diffusion.gaussian_partition`),
+    and the denoiser.
 
     `n` is the size of the training split; the accounting uses the records actually trained
     on (`training_records`). A non-private control (`privacy.non_private_control`) gets noise

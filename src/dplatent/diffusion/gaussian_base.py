@@ -279,12 +279,13 @@ class GaussianBase(nn.Module):
         null = y == self.num_classes
         group = torch.where(null, len(self.means) - 1, y * self.cells)
         if self.cells == 1:
-            return self._component(z, a, group)[0].reshape(shape)
+            return self._component(z, a, group)[0].reshape(shape)  # no likelihoods needed
         best = torch.full_like(a, -math.inf)
         total, acc = torch.zeros_like(a), torch.zeros_like(z)
         for k in range(self.cells):
             rows = torch.arange(len(z), device=z.device) if k == 0 else (~null).nonzero()[:, 0]
-            mean, loglik = self._component(z[rows], a[rows], group[rows] + k * ~null[rows])
+            mean, u, var = self._component(z[rows], a[rows], group[rows] + k * ~null[rows])
+            loglik = -0.5 * ((u * u / var) + var.log()).sum(-1)  # log N(z_t; ...) + const
             logw = self.log_cell_weights[y[rows].clamp(max=self.num_classes - 1), k]
             score = (loglik + torch.where(null[rows], 0.0, logw)).unsqueeze(-1)
             top = torch.maximum(best[rows], score)
@@ -293,15 +294,16 @@ class GaussianBase(nn.Module):
             acc[rows] = acc[rows] * old + new * mean
         return (acc / total).reshape(shape)
 
-    def _component(self, z: torch.Tensor, a: torch.Tensor,
-                   group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For z_t [N, D] and each row's Gaussian `group`: E[z0 | z_t] [N, D] and
-        log N(z_t; sqrt(a) mu, a S + (1 - a) I) [N] up to a constant."""
+    def _component(self, z: torch.Tensor, a: torch.Tensor, group: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For z_t [N, D] and each row's Gaussian `group`: E[z0 | z_t] [N, D], and z_t's
+        coordinates u in the group's eigenbasis (centred) with their variances var, so that
+        N(z_t; sqrt(a) mu, a S + (1 - a) I) is the product of N(u_i; 0, var_i)."""
         mu, lam = self.means[group], self.evals[group]
         u = self._per_group(z - a.sqrt() * mu, group, transpose=False)
         var = a * lam + 1 - a
-        loglik = -0.5 * ((u * u / var) + var.log()).sum(-1)
-        return mu + self._per_group(u * (a.sqrt() * lam / var), group, transpose=True), loglik
+        mean = mu + self._per_group(u * (a.sqrt() * lam / var), group, transpose=True)
+        return mean, u, var
 
     def _per_group(self, v: torch.Tensor, group: torch.Tensor, transpose: bool) -> torch.Tensor:
         """Row i of v times evecs[group_i] (into the eigenbasis) or its transpose (back out)."""

@@ -92,8 +92,10 @@ def check_release_kept(run_dir: Path) -> None:
     disk, since releasing the latent Gaussians again would read the private data a second
     time outside the budget."""
     path = checkpoint_path(run_dir, GAUSSIAN_STAGE)
-    if (run_dir / LEDGER).is_file() and not path.is_file() \
-            and any(Ledger.load(run_dir).steps(s) for s in (PARTITION_STAGE, GAUSSIAN_STAGE)):
+    if not (run_dir / LEDGER).is_file() or path.is_file():
+        return
+    ledger = Ledger.load(run_dir)
+    if any(ledger.steps(s) for s in (PARTITION_STAGE, GAUSSIAN_STAGE)):
         raise PrivacyError(f"{run_dir}: the ledger records a release of the latent Gaussians "
                            f"but {path} is missing; releasing them again would read the "
                            "private data outside the budget. Start a new run.")

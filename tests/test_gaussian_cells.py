@@ -18,11 +18,12 @@ from dplatent.diffusion.sampler import sample_latents
 from dplatent.diffusion.schedule import alphas_cumprod
 from dplatent.errors import ConfigError, PrivacyError
 from dplatent.models.denoiser import Denoiser
-from dplatent.privacy.accounting import (GAUSSIAN_STAGE, PARTITION_STAGE, DPEvent, epsilon,
-                                         plan, split_release)
+from dplatent.privacy.accounting import (GAUSSIAN_STAGE, PARTITION_STAGE, DPEvent,
+                                         cells_exponent, epsilon, plan, resolved,
+                                         split_release)
 from dplatent.train.stages import train
 
-from conftest import train_smoke, write_synthetic_npz
+from conftest import run_main, train_smoke, write_synthetic_npz
 
 
 def _two_blob_classes(n: int, seed: int):
@@ -126,7 +127,70 @@ def test_plan_with_cells_has_the_release_of_the_plan_without():
     assert [s.noise_multiplier for s in control.stages] == [0.0] * 4
 
 
+def _rule(cap: int, snr: float, share: float = 0.1, **extra: str):
+    return config.resolve("quick", {"diffusion.gaussian_base": "true",
+                                    "diffusion.gaussian_partition": str(cap),
+                                    "diffusion.min_cell_snr": str(snr),
+                                    "privacy.partition_share": str(share), **extra})
+
+
+def test_cells_are_the_most_whose_records_per_noise_meet_the_bound():
+    # n / (C 2^B) records per cell against snr * sigma / sqrt(1 - share)
+    sigma_b = lambda sigma: sigma / math.sqrt(0.9)  # noqa: E731
+    edge = 1500 * math.sqrt(0.9) / 1000  # B = 2: 60000 / 40 = 1500 records = 1000 sigma_b
+    assert sigma_b(edge) * 1000 == pytest.approx(1500)
+    assert cells_exponent(edge * (1 - 1e-9), 60000, 10, _rule(3, 1000)) == 2
+    assert cells_exponent(edge * 1.01, 60000, 10, _rule(3, 1000)) == 1
+    assert cells_exponent(edge * 0.49, 60000, 10, _rule(3, 1000)) == 3  # room for 3, cap 3
+    assert cells_exponent(edge * 0.49, 60000, 10, _rule(2, 1000)) == 2  # never above the cap
+    assert cells_exponent(edge * 0.49, 60000, 20, _rule(3, 1000)) == 2  # twice the classes
+    assert cells_exponent(edge * 4.1, 60000, 10, _rule(3, 1000)) == 0   # not even two cells
+    assert cells_exponent(100.0, 60000, 10, _rule(3, 0)) == 3           # no bound: the cap
+    # the share of the first release takes precision from the cells' release
+    assert cells_exponent(edge * 0.9, 60000, 10, _rule(3, 1000, share=0.5)) == 1
+
+
+def test_plan_chooses_fewer_cells_at_small_epsilon_and_resolving_keeps_the_plan():
+    # RDP: the release's sigma_b is 9.3 at epsilon 1 and 1.07 at 10
+    small, large = (plan(60000, _rule(3, 500, **{"privacy.epsilon": e,
+                                                 "privacy.accountant": "rdp"}), 10)
+                    for e in ("1", "10"))
+    assert small.gaussian_partition == 0 and PARTITION_STAGE not in [
+        s.stage for s in small.stages]
+    assert large.gaussian_partition == 3 and PARTITION_STAGE in [s.stage for s in large.stages]
+    # the release's noise is that of a plan without cells, split or not
+    plain = plan(60000, _rule(0, 0, **{"privacy.epsilon": "1", "privacy.accountant": "rdp"}))
+    assert small.stage(GAUSSIAN_STAGE) == plain.stage(GAUSSIAN_STAGE)
+    cfg = resolved(_rule(3, 500, **{"privacy.epsilon": "1", "privacy.accountant": "rdp"}),
+                   small)
+    assert cfg.diffusion.gaussian_partition == 0
+    assert plan(60000, cfg, 10) == small
+    with pytest.raises(PrivacyError, match="number of classes"):
+        plan(60000, _rule(3, 1000))
+    control = plan(60000, _rule(3, 1e9, **{"privacy.non_private_control": "true"}), 10)
+    assert control.gaussian_partition == 3  # no noise: every cell measured exactly
+
+
+def test_plan_command_shows_the_cells_and_needs_the_classes_of_a_user_data_set(
+        monkeypatch, capsys):
+    args = ["plan", "--preset", "quick", "--set", "privacy.accountant=rdp", "--set",
+            "diffusion.gaussian_base=true", "--set", "diffusion.gaussian_partition=3",
+            "--set", "diffusion.min_cell_snr=500"]
+    code, out, err = run_main([*args, "--epsilon", "10"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "cells per class: 8" in out and PARTITION_STAGE in out
+    code, out, err = run_main([*args, "--epsilon", "1"], monkeypatch, capsys)
+    assert code == 0 and "cells per class: 1" in out and PARTITION_STAGE not in out
+    code, out, err = run_main([*args, "--dataset", "mine.npz", "--n", "60000"], monkeypatch,
+                              capsys)
+    assert code != 0 and "--classes" in err
+    code, out, err = run_main([*args, "--dataset", "mine.npz", "--n", "60000", "--classes",
+                               "100", "--epsilon", "10"], monkeypatch, capsys)
+    assert code == 0 and "cells per class: 1" in out  # 600 records a class: no room
+
+
 @pytest.mark.parametrize("settings, message", [
+    ({"diffusion.gaussian_base": "true", "diffusion.min_cell_snr": "-1"}, "min_cell_snr"),
     ({"diffusion.gaussian_base": "false", "diffusion.gaussian_partition": "1"},
      "needs diffusion.gaussian_base"),
     ({"diffusion.gaussian_base": "true", "diffusion.gaussian_partition": "7"}, r"\[0, 6\]"),
@@ -232,3 +296,19 @@ def test_resume_with_cells_loads_both_releases_and_a_lost_release_is_refused(tmp
     with pytest.raises(PrivacyError, match="outside the budget"):
         train(dataset=str(npz), data_dir=None, cfg=cfg, run_dir=run, resume=True,
               progress=False)
+
+
+def test_a_run_saves_the_cells_the_plan_chose_and_resumes_with_them(tmp_path, single_thread):
+    npz = write_synthetic_npz(tmp_path / "d.npz", 300, seed=0)
+    run = train_smoke(npz, tmp_path / "run", **{"diffusion.gaussian_base": "true",
+                                                "diffusion.gaussian_partition": "2",
+                                                "diffusion.min_cell_snr": "1e6"})
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["diffusion"]["gaussian_partition"] == 0
+    assert saved["derived"]["privacy_plan"]["gaussian_partition"] == 0
+    stages = [e["stage"] for e in json.loads((run / "privacy.json").read_text())["entries"]]
+    assert stages == ["autoencoder", GAUSSIAN_STAGE, "diffusion"]
+    assert "partition_directions" not in torch.load(run / "checkpoints" / f"{GAUSSIAN_STAGE}.pt")
+    from dplatent.sample import TrainedRun, generate
+    x, y = generate(TrainedRun(run), 4, seed=0, progress=False)  # the saved config loads
+    assert len(x) == len(y) == 4

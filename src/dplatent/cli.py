@@ -70,6 +70,22 @@ def _public_n(dataset: str, n: int | None) -> int:
                         "pass --n")
 
 
+def _public_classes(dataset: str, classes: int | None, cfg) -> int | None:
+    """The number of classes, public: the plan needs it to choose the number of cells
+    (diffusion.min_cell_snr)."""
+    from dplatent import data
+    if classes is not None:
+        if classes < 2:
+            raise DplatentError(f"--classes must be >= 2, got {classes}")
+        return classes
+    if dataset in data.BUILTIN:
+        return 10
+    if cfg.diffusion.gaussian_partition and cfg.diffusion.min_cell_snr:
+        raise DplatentError("plan needs the number of classes for a user data set when "
+                            "diffusion.min_cell_snr chooses the cells: pass --classes")
+    return None
+
+
 @app.command()
 def plan(dataset: DatasetOpt = "mnist",
          epsilon: Annotated[Optional[float], typer.Option(
@@ -77,11 +93,13 @@ def plan(dataset: DatasetOpt = "mnist",
          delta: Annotated[float, typer.Option(help="total delta, below 1/n")] = 1e-5,
          preset: PresetOpt = "quick", sets: SetOpt = None,
          n: Annotated[Optional[int], typer.Option(help="number of training records")] = None,
+         classes: Annotated[Optional[int], typer.Option(
+             help="number of classes (built-in data sets: 10)")] = None,
          non_private_control: ControlOpt = False):
     """Show each stage's noise multiplier for a budget. Touches no data."""
     from dplatent.privacy.accounting import plan as make_plan
     cfg = _config(preset, epsilon, delta, None, None, sets, non_private_control)
-    p = make_plan(_public_n(dataset, n), cfg)
+    p = make_plan(_public_n(dataset, n), cfg, _public_classes(dataset, classes, cfg))
     if not p.private:
         typer.echo(NOT_PRIVATE_BANNER, err=True)
         typer.echo(f"NOT PRIVATE: noise multiplier 0, no epsilon; delta={p.delta:g} n={p.n}")
@@ -98,6 +116,8 @@ def plan(dataset: DatasetOpt = "mnist",
         typer.echo(f"  {s.stage:16s} sigma={s.noise_multiplier:.4f} q={s.sample_rate:.5f} "
                    f"steps={s.steps} C={s.clip_norm:g} batch={s.batch_size} "
                    f"epsilon_alone={s.epsilon_alone:.3f}")
+    if cfg.diffusion.gaussian_partition:
+        typer.echo(f"cells per class: {2 ** p.gaussian_partition}")
     typer.echo(f"composed epsilon: {p.epsilon:.4f} (target {p.target_epsilon:g})")
 
 

@@ -98,6 +98,12 @@ class DiffusionConfig:
     # release: privacy.partition_share of the release's precision) and releases one Gaussian
     # per cell, weighted by the cell's released count. Same epsilon (diffusion/gaussian_base.py).
     gaussian_partition: int = 0
+    # With gaussian_partition: the fewest records a cell must expect per unit of its release's
+    # noise multiplier, n / (classes * 2^B) / sigma. The run uses the largest B up to
+    # gaussian_partition that meets it (from public quantities; privacy/accounting.py), so the
+    # number of cells follows the budget: fewer, larger cells at small epsilon. 0: always
+    # gaussian_partition.
+    min_cell_snr: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.hidden > 0 and self.blocks > 0 and self.expansion > 0,
@@ -120,6 +126,7 @@ class DiffusionConfig:
                f"class), got {self.gaussian_partition}")
         _check(self.gaussian_base or not self.gaussian_partition,
                "diffusion.gaussian_partition needs diffusion.gaussian_base = true")
+        _check(self.min_cell_snr >= 0, "diffusion.min_cell_snr must be >= 0")
         _one_of("diffusion.prediction", self.prediction, PREDICTIONS)
 
 

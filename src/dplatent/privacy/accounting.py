@@ -177,6 +177,9 @@ class PrivacyPlan:
     epsilon: float
     private: bool = True
     source_records: int | None = None
+    # 2^gaussian_partition cells per class in the release (`cells_exponent`); the run's
+    # diffusion.gaussian_partition after `resolved`
+    gaussian_partition: int = 0
 
     def stage(self, name: str) -> StagePlan:
         for s in self.stages:
@@ -213,6 +216,27 @@ def split_release(event: DPEvent, partition_share: float) -> list[DPEvent]:
             dataclasses.replace(event, noise_multiplier=sigma / math.sqrt(1 - partition_share))]
 
 
+def cells_exponent(sigma: float, n: int, num_classes: int, cfg: RunConfig) -> int:
+    """The number of cells per class, as B in 2^B, that a release of noise multiplier `sigma`
+    (before `split_release`) affords: the largest B <= diffusion.gaussian_partition whose cells
+    expect at least diffusion.min_cell_snr records per unit of the noise multiplier of the
+    release that measures them, n / (num_classes * 2^B) / sigma_B. Public quantities only.
+    With B = 0 there is no split (sigma_B = sigma); B = 0 also when none meets the bound."""
+    d = cfg.diffusion
+    sigma_b = sigma / math.sqrt(1 - cfg.privacy.partition_share)
+    for b in range(d.gaussian_partition, 0, -1):
+        if n / (num_classes * 2 ** b) >= d.min_cell_snr * sigma_b:
+            return b
+    return 0
+
+
+def resolved(cfg: RunConfig, p: PrivacyPlan) -> RunConfig:
+    """`cfg` with the number of cells `plan` chose (diffusion.gaussian_partition); resolving
+    it again gives the same plan, since the chosen B meets the bound."""
+    return dataclasses.replace(cfg, diffusion=dataclasses.replace(
+        cfg.diffusion, gaussian_partition=p.gaussian_partition))
+
+
 def steps_for(epochs: float, n: int, batch_size: int) -> int:
     return max(1, math.ceil(epochs * n / batch_size))
 
@@ -225,16 +249,19 @@ def training_records(n: int, cfg: RunConfig) -> int:
     return cfg.subset or n
 
 
-def plan(n: int, cfg: RunConfig) -> PrivacyPlan:
+def plan(n: int, cfg: RunConfig, num_classes: int | None = None) -> PrivacyPlan:
     """Noise multipliers for every stage from public quantities only: the autoencoder, the
     latent Gaussians when `diffusion.gaussian_base` is set (calibrated as one Gaussian
-    mechanism, then split into two by `split_release` with `diffusion.gaussian_partition`),
-    and the denoiser.
+    mechanism, then split into two by `split_release` when it affords cells:
+    `cells_exponent`, which needs `num_classes` when diffusion.min_cell_snr is set), and the
+    denoiser. The plan's `gaussian_partition` is the number of cells chosen (`resolved`).
 
     `n` is the size of the training split; the accounting uses the records actually trained
     on (`training_records`). A non-private control (`privacy.non_private_control`) gets noise
     multiplier 0 in every stage, no target and an infinite epsilon."""
-    p = cfg.privacy
+    p, cap = cfg.privacy, cfg.diffusion.gaussian_partition
+    if cap and cfg.diffusion.min_cell_snr and num_classes is None:
+        raise PrivacyError("diffusion.min_cell_snr: the plan needs the number of classes")
     source, n = n, training_records(n, cfg)
     if p.delta >= 1.0 / n:
         raise PrivacyError(f"delta={p.delta:g} must be below 1/n = {1.0 / n:.3g} "
@@ -248,8 +275,8 @@ def plan(n: int, cfg: RunConfig) -> PrivacyPlan:
 
     if cfg.diffusion.gaussian_base:  # one Gaussian mechanism on all records: q = 1, 1 step
         specs.insert(1, (GAUSSIAN_STAGE, n, 1.0, 1, GAUSSIAN_SENSITIVITY))
-    if p.non_private_control:
-        if cfg.diffusion.gaussian_partition:
+    if p.non_private_control:  # no noise: every cell is measured exactly
+        if cap:
             specs.insert(1, (PARTITION_STAGE, n, 1.0, 1, GAUSSIAN_SENSITIVITY))
         stages = tuple(StagePlan(stage=name, batch_size=b, sample_rate=q, steps=t,
                                  noise_multiplier=0.0, clip_norm=c, mechanism=NO_NOISE,
@@ -257,7 +284,7 @@ def plan(n: int, cfg: RunConfig) -> PrivacyPlan:
         return PrivacyPlan(accountant=p.accountant, target_epsilon=None, delta=p.delta, n=n,
                            stages=stages, epsilon=epsilon([s.event() for s in stages], p.delta,
                                                           p.accountant),
-                           private=False, source_records=source)
+                           private=False, source_records=source, gaussian_partition=cap)
     # Cumulative targets: the autoencoder alone gets autoencoder_share; with the latent
     # Gaussians, both together get autoencoder_share + gaussian_share; the last stage the rest.
     targets = [p.epsilon * p.autoencoder_share]
@@ -266,13 +293,16 @@ def plan(n: int, cfg: RunConfig) -> PrivacyPlan:
     targets.append(p.epsilon)
     events: list[DPEvent] = []
     batch_sizes: list[int] = []
+    cells = 0
     for (name, b, q, t, c), target in zip(specs, targets):
         sigma = calibrate_sigma(target_epsilon=target, delta=p.delta, prior=events, stage=name,
                                 sample_rate=q, steps=t, clip_norm=c, accountant=p.accountant)
         event = DPEvent(stage=name, noise_multiplier=sigma, sample_rate=q, steps=t,
                         clip_norm=c)
+        if name == GAUSSIAN_STAGE and cap:
+            cells = cells_exponent(sigma, n, num_classes or 1, cfg)
         split = (split_release(event, p.partition_share)
-                 if name == GAUSSIAN_STAGE and cfg.diffusion.gaussian_partition else [event])
+                 if name == GAUSSIAN_STAGE and cells else [event])
         events.extend(split)
         batch_sizes.extend([b] * len(split))
     stages = tuple(
@@ -284,4 +314,5 @@ def plan(n: int, cfg: RunConfig) -> PrivacyPlan:
     if total > p.epsilon:
         raise PrivacyError(f"calibration failed: composed epsilon {total} > {p.epsilon}")
     return PrivacyPlan(accountant=p.accountant, target_epsilon=p.epsilon, delta=p.delta, n=n,
-                       stages=stages, epsilon=total, source_records=source)
+                       stages=stages, epsilon=total, source_records=source,
+                       gaussian_partition=cells)

@@ -29,7 +29,7 @@ from dplatent.errors import ConfigError, PrivacyError
 from dplatent.io import atomic_write, write_json
 from dplatent.models.autoencoder import Autoencoder, latent_shape, reconstruction_loss
 from dplatent.models.denoiser import Denoiser
-from dplatent.privacy.accounting import GAUSSIAN_STAGE, PARTITION_STAGE, PrivacyPlan
+from dplatent.privacy.accounting import GAUSSIAN_STAGE, PARTITION_STAGE, PrivacyPlan, resolved
 from dplatent.privacy.accounting import plan as make_plan
 from dplatent.privacy.ledger import FILENAME as LEDGER
 from dplatent.privacy.ledger import Ledger
@@ -196,7 +196,9 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
         _check_resume_device(run_dir, device)
         check_release_kept(run_dir)
     source_records = len(private)
-    plan = make_plan(source_records, cfg)  # accounts for the records trained on (plan.n)
+    # accounts for the records trained on (plan.n) and chooses the number of cells
+    plan = make_plan(source_records, cfg, private.num_classes)
+    cfg = resolved(cfg, plan)
     if cfg.subset:
         idx = subset_indices(source_records, cfg.subset, cfg.seed)
         private = data_mod.LabelledImages(x=private.x[idx], y=private.y[idx],

@@ -21,7 +21,6 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import shlex
 import subprocess
 import sys
@@ -49,14 +48,18 @@ def shown(cmd: list[str]) -> str:
 
 
 def run(cmd: list[str], log) -> tuple[float, int]:
-    """Run a command; returns (wall seconds, peak RSS of the child in MB)."""
+    """Run a command; returns (wall seconds, peak RSS of this child in MB). The child's own
+    resource usage (os.wait4), not RUSAGE_CHILDREN, whose peak is the largest of every child
+    this process has waited for, i.e. of all earlier cells too."""
     log.write(f"$ {shown(cmd)}\n")
     log.flush()
     t = time.time()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return time.time() - t, max(before, after) // 1024
+    child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, cmd)
+    return time.time() - t, usage.ru_maxrss // 1024
 
 
 def load_results() -> list[dict]:

@@ -266,3 +266,32 @@ def test_sampled_npz_carries_the_runs_epsilon(tiny_run, tmp_path, monkeypatch, c
     assert (info["private"], info["epsilon"], info["delta"]) == \
         (True, ledger["epsilon"], ledger["delta"])
     assert "label" not in info
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "11", "nan"])
+def test_sample_refuses_a_sharpness_outside_its_range(value, tiny_run, tmp_path, monkeypatch,
+                                                      capsys):
+    out = tmp_path / "s.npz"
+    code, _, err = run_main(["sample", "--run", str(tiny_run), "--num", "10", "--out", str(out),
+                             "--sharpness", value, "--no-progress"], monkeypatch, capsys)
+    assert_one_line_error(code, err, f"sharpness must be in (0, 10], got {float(value)}")
+    assert not out.exists()
+
+
+def test_sharpness_sharpens_the_same_latents_and_is_recorded(tiny_run, tmp_path, monkeypatch,
+                                                             capsys):
+    from dplatent.export import npz_info
+    images = {}
+    for k in ("1", "3"):
+        out = tmp_path / f"s{k}.npz"
+        code, _, err = run_main(["sample", "--run", str(tiny_run), "--num", "10", "--out",
+                                 str(out), "--sharpness", k, "--no-progress"], monkeypatch,
+                                capsys)
+        assert code == 0, err
+        assert npz_info(out)["sharpness"] == float(k)
+        with np.load(out) as f:
+            images[k] = f["x"].astype(np.int64) - 128  # distance from grey, signed
+    one, three = images["1"], images["3"]
+    assert np.all(np.sign(three) * np.sign(one) >= 0)   # no pixel crosses grey
+    assert np.all(np.abs(three) >= np.abs(one) - 1)     # none comes nearer to it (rounding)
+    assert np.abs(three).mean() > np.abs(one).mean() + 5

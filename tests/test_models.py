@@ -156,3 +156,11 @@ def test_timestep_embedding():
     torch.testing.assert_close(e[0], torch.cat([torch.ones(8), torch.zeros(8)]))
     assert timestep_embedding(t.view(3, 1).expand(3, 2), 16).shape == (3, 2, 16)
     assert not torch.allclose(e[1], e[2])
+
+
+def test_decode_with_sharpness_is_the_sigmoid_of_scaled_logits():
+    ae = autoencoder().eval()
+    z = torch.randn(3, *ae.latent_shape)
+    logits = ae.decoder(z)
+    torch.testing.assert_close(ae.decode(z), torch.sigmoid(logits))
+    torch.testing.assert_close(ae.decode(z, 2.5), torch.sigmoid(2.5 * logits))

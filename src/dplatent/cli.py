@@ -199,6 +199,9 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
            guidance: Annotated[Optional[float], typer.Option(
                help="classifier-free guidance scale (default from the run)")] = None,
            steps: Annotated[Optional[int], typer.Option(help="sampler steps")] = None,
+           sharpness: Annotated[Optional[float], typer.Option(
+               help="decoded images are sigmoid(sharpness x decoder logits) "
+               "(default from the run)")] = None,
            progress: Annotated[bool, typer.Option(help="show progress bars")] = True):
     """Draw labelled synthetic images from a trained run (no privacy cost)."""
     import time
@@ -213,10 +216,12 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
     control = trained.cfg.privacy.non_private_control
     if control:
         typer.echo(NOT_PRIVATE_BANNER, err=True)
-    x, y = generate(trained, num, seed=seed, guidance=guidance, steps=steps, progress=progress)
+    x, y = generate(trained, num, seed=seed, guidance=guidance, steps=steps,
+                    sharpness=sharpness, progress=progress)
     s = trained.cfg.sampling
     info = {"seed": seed, "guidance": s.guidance if guidance is None else guidance,
             "steps": s.steps if steps is None else steps, "sampler": s.sampler,
+            "sharpness": s.sharpness if sharpness is None else sharpness,
             "run_fingerprint": run_fingerprint(run), **_privacy_info(trained)}
     path = save_npz(out or run / "synthetic.npz", x, y, info=info)
     if png_dir:

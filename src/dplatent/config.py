@@ -166,9 +166,12 @@ class SamplingConfig:
     guidance: float = 1.0                  # 1.0 = plain conditional; > 1 classifier-free guidance
     batch_size: int = 2000
     sampler: str = "ddim"                  # 'ddim' or 'dpm' (DPM-Solver++, diffusers)
+    # decoded images are sigmoid(sharpness * decoder logits); 1 = the decoder's own output
+    sharpness: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.sampler in ("ddim", "dpm"), f"sampling.sampler: unknown {self.sampler!r}")
+        _check(0 < self.sharpness <= 10, "sampling.sharpness must be in (0, 10]")
         _check(self.steps >= 1, "sampling.steps must be >= 1")
         _check(self.guidance >= 0, "sampling.guidance must be >= 0")
         _check(self.batch_size >= 1, "sampling.batch_size must be >= 1")

@@ -101,16 +101,19 @@ def balanced_labels(num: int, num_classes: int) -> np.ndarray:
 @torch.no_grad()
 def generate(run: TrainedRun, num: int, *, seed: int = 0, guidance: float | None = None,
              steps: int | None = None, sampler: str | None = None,
-             labels: np.ndarray | None = None, progress: bool = True) -> tuple[np.ndarray,
-                                                                               np.ndarray]:
-    """(x uint8, y int64) of `num` decoded samples."""
+             sharpness: float | None = None, labels: np.ndarray | None = None,
+             progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(x uint8, y int64) of `num` decoded samples; unset settings come from the run."""
     if num < 1:
         raise ConfigError(f"number of samples must be >= 1, got {num}")
     if steps is not None and steps < 1:
         raise ConfigError(f"sampling steps must be >= 1, got {steps}")
     if guidance is not None and not (guidance >= 0 and math.isfinite(guidance)):
         raise ConfigError(f"guidance must be >= 0 and finite, got {guidance}")
+    if sharpness is not None and not 0 < sharpness <= 10:
+        raise ConfigError(f"sharpness must be in (0, 10], got {sharpness}")
     s, d = run.cfg.sampling, run.cfg.diffusion
+    sharpness = s.sharpness if sharpness is None else sharpness
     y = balanced_labels(num, run.num_classes) if labels is None else labels
     shape = run.autoencoder.latent_shape
     z = sample_latents(run.denoiser, y, dim=int(np.prod(shape)), seed=seed,
@@ -122,7 +125,8 @@ def generate(run: TrainedRun, num: int, *, seed: int = 0, guidance: float | None
                        batch_size=s.batch_size, progress=progress)
     images = []
     for i in range(0, len(z), s.batch_size):
-        images.append(run.autoencoder.decode(z[i:i + s.batch_size].view(-1, *shape)))
+        images.append(run.autoencoder.decode(z[i:i + s.batch_size].view(-1, *shape),
+                                             sharpness))
     x = (torch.cat(images).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     x = x[:, 0] if x.shape[1] == 1 else x.transpose(0, 2, 3, 1)
     return x, y.astype(np.int64)

@@ -121,9 +121,11 @@ class Autoencoder(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1]."""
-        return torch.sigmoid(self.decoder(z))
+    def decode(self, z: torch.Tensor, sharpness: float = 1.0) -> torch.Tensor:
+        """Images in [0, 1]: sigmoid(sharpness * logits). The decoder, trained with per-pixel
+        cross-entropy, gives each pixel's expected intensity; sharpness > 1 moves the pixels
+        that it leaves grey toward their nearer extreme (a temperature 1 / sharpness)."""
+        return torch.sigmoid(sharpness * self.decoder(z))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))

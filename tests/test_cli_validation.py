@@ -45,6 +45,7 @@ BAD_PLAN = [
     (["--delta", "0.01", "--n", "1000"], "must be below 1/n"),
     (["--n", "0"], "--n must be >= 1, got 0"),
     (["--n", "-5"], "--n must be >= 1, got -5"),
+    (["--n", "1000", "--classes", "1"], "--classes must be >= 2, got 1"),
     (["--n", "50", "--delta", "1e-3"], "autoencoder: batch size 64 exceeds n = 50"),
     (["--dataset", "data.npz"], "plan needs the number of training records for a user data "
                                 "set: pass --n"),

@@ -56,34 +56,37 @@ def _config(preset: str, epsilon: float | None, delta: float | None, seed: int |
     return cfg
 
 
+def _given_or_builtin(dataset: str, value: int | None, option: str, minimum: int,
+                      builtin: int) -> int | None:
+    """A public count for the plan: `value` when given (at least `minimum`), else `builtin`
+    for the built-in data sets, else None."""
+    from dplatent import data
+    if value is not None:
+        if value < minimum:
+            raise DplatentError(f"{option} must be >= {minimum}, got {value}")
+        return value
+    return builtin if dataset in data.BUILTIN else None
+
+
 def _public_n(dataset: str, n: int | None) -> int:
     """The number of training records, a public quantity of the accounting."""
     from dplatent import data
-    if n is not None:
-        if n < 1:
-            raise DplatentError(f"--n must be >= 1, got {n}")
-        return n
-    if dataset in data.BUILTIN:
-        return 60000
-    data.check_name(dataset)
-    raise DplatentError("plan needs the number of training records for a user data set: "
-                        "pass --n")
+    n = _given_or_builtin(dataset, n, "--n", 1, 60000)
+    if n is None:
+        data.check_name(dataset)
+        raise DplatentError("plan needs the number of training records for a user data set: "
+                            "pass --n")
+    return n
 
 
 def _public_classes(dataset: str, classes: int | None, cfg) -> int | None:
     """The number of classes, public: the plan needs it to choose the number of cells
     (diffusion.min_cell_snr)."""
-    from dplatent import data
-    if classes is not None:
-        if classes < 2:
-            raise DplatentError(f"--classes must be >= 2, got {classes}")
-        return classes
-    if dataset in data.BUILTIN:
-        return 10
-    if cfg.diffusion.gaussian_partition and cfg.diffusion.min_cell_snr:
+    classes = _given_or_builtin(dataset, classes, "--classes", 2, 10)
+    if classes is None and cfg.diffusion.gaussian_partition and cfg.diffusion.min_cell_snr:
         raise DplatentError("plan needs the number of classes for a user data set when "
                             "diffusion.min_cell_snr chooses the cells: pass --classes")
-    return None
+    return classes
 
 
 @app.command()

@@ -22,6 +22,7 @@ Each writes a labelled npz; score it with
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +51,30 @@ def recon(run: TrainedRun, dataset: str, data_dir: str | None) -> tuple[np.ndarr
     return np.concatenate(parts), train.y.astype(np.int64)
 
 
+MEANS_ONLY = (0.95, math.sqrt(1 - 0.95 ** 2), 0.0)   # release B with --shared-covariance
+
+
+def shared_within(first: gb.NoisySums, sums: gb.NoisySums, per_class: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cell means [C K, D] from B's first moments and counts, and covariances [C K, D, D]:
+    each class's covariance from release A less the count-weighted scatter of its cells'
+    means about their mixture mean, projected onto PSD matrices (post-processing)."""
+    class_means, class_covs = gb.gaussians(first, "denoised")
+    classes = len(class_means) - 1
+    count = gb.class_counts(sums)[:, None]
+    means = sums.first / sums.weights[0] / count * sums.radius
+    w = gb.cell_weights(sums, per_class)                       # [C, K]
+    m = means.view(classes, per_class, -1)
+    centre = torch.einsum("ck,ckd->cd", w, m)
+    dev = m - centre[:, None]
+    scatter = torch.einsum("ck,cki,ckj->cij", w, dev, dev)
+    within = gb.psd(class_covs[:classes] - scatter)
+    return means, within.repeat_interleave(per_class, dim=0)
+
+
 def gaussians(run: TrainedRun, dataset: str, data_dir: str | None, *, sigma: float,
-              cells: int | None, partition_sigma: float, weights: str, num: int):
+              cells: int | None, partition_sigma: float, weights: str, num: int,
+              shared: bool = False):
     """cells None: one release at `sigma`; cells B >= 0: two releases composing to `sigma`
     (B = 0 keeps one cell per class: release B alone, at its share of the noise)."""
     train = data.load(dataset, "train", data_dir)
@@ -68,9 +91,17 @@ def gaussians(run: TrainedRun, dataset: str, data_dir: str | None, *, sigma: flo
         first = gb.release(z, y, classes, partition_sigma, torch.Generator().manual_seed(7),
                            weights=weights)
         labels = y * per_class + gb.cell_of(z, y, *gb.partition(first, "denoised", cells))
-    sums = gb.release(z, labels, classes * per_class, sigma_b,
-                      torch.Generator().manual_seed(8 if two else 7), weights=weights)
-    means, covs = gb.gaussians(sums, "denoised")
+    gen_b = torch.Generator().manual_seed(8 if two else 7)
+    if shared:
+        if not two:
+            raise SystemExit("--shared-covariance needs --cells")
+        radius = math.sqrt(z.shape[1] - 1)
+        sums = gb.add_noise(gb.class_sums(z, labels, classes * per_class, radius, MEANS_ONLY),
+                            sigma_b, gen_b)
+        means, covs = shared_within(first, sums, per_class)
+    else:
+        sums = gb.release(z, labels, classes * per_class, sigma_b, gen_b, weights=weights)
+        means, covs = gb.gaussians(sums, "denoised")
     print(f"sigma {sigma} (release B {sigma_b:.3f}), {per_class} cell(s) per class", flush=True)
     g = torch.Generator().manual_seed(0)
     ys = torch.arange(num) % classes
@@ -101,6 +132,9 @@ def main() -> None:
                    help="B: two releases, 2^B cells per class (default: one release)")
     p.add_argument("--partition-sigma", type=float, default=2.0)
     p.add_argument("--weights", choices=sorted(gb.RELEASE_WEIGHTS), default="equal")
+    p.add_argument("--shared-covariance", action="store_true",
+                   help="release B: cell means and counts only; cells share their class's "
+                        "within-cell covariance")
     p.add_argument("--num", type=int, default=60000)
     a = p.parse_args()
     run = TrainedRun(a.run, device="cpu")
@@ -108,7 +142,8 @@ def main() -> None:
         x, y = recon(run, a.dataset, a.data_dir)
     else:
         x, y = gaussians(run, a.dataset, a.data_dir, sigma=a.sigma, cells=a.cells,
-                         partition_sigma=a.partition_sigma, weights=a.weights, num=a.num)
+                         partition_sigma=a.partition_sigma, weights=a.weights, num=a.num,
+                         shared=a.shared_covariance)
     save_npz(a.out, x, y)
     print(f"wrote {len(y)} images to {a.out}")
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import one_line_error, run_main, train_smoke
 
-from dplatent.errors import DplatentError
+from dplatent import config
+from dplatent.errors import ConfigError, DplatentError
 from dplatent.train.loop import checkpoint_path, load_checkpoint
 
 FAST = ["--preset", "smoke", "--set", "privacy.accountant=rdp"]
@@ -277,6 +278,29 @@ def test_sample_refuses_a_sharpness_outside_its_range(value, tiny_run, tmp_path,
                              "--sharpness", value, "--no-progress"], monkeypatch, capsys)
     assert_one_line_error(code, err, f"sharpness must be in (0, 10], got {float(value)}")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5", "3.5", "nan"])
+def test_sample_refuses_a_temperature_outside_its_range(value, tiny_run, tmp_path, monkeypatch,
+                                                        capsys):
+    out = tmp_path / "s.npz"
+    code, _, err = run_main(["sample", "--run", str(tiny_run), "--num", "10", "--out", str(out),
+                             "--temperature", value, "--no-progress"], monkeypatch, capsys)
+    assert_one_line_error(code, err, f"temperature must be in (0, 3], got {float(value)}")
+    assert not out.exists()
+
+
+def test_temperature_is_recorded_and_zero_spread_is_refused_in_the_config(tiny_run, tmp_path,
+                                                                          monkeypatch, capsys):
+    from dplatent.export import npz_info
+    out = tmp_path / "s.npz"
+    code, _, err = run_main(["sample", "--run", str(tiny_run), "--num", "10", "--out",
+                             str(out), "--temperature", "1.2", "--no-progress"], monkeypatch,
+                            capsys)
+    assert code == 0, err
+    assert npz_info(out)["temperature"] == 1.2
+    with pytest.raises(ConfigError, match=r"sampling.temperature must be in \(0, 3\]"):
+        config.SamplingConfig(temperature=0.0)
 
 
 def test_sharpness_sharpens_the_same_latents_and_is_recorded(tiny_run, tmp_path, monkeypatch,

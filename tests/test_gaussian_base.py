@@ -185,6 +185,26 @@ def test_denoiser_with_a_base_starts_as_the_base_and_samples_the_gaussians():
         torch.testing.assert_close(torch.cov(zc.T), covs[c].double(), atol=0.12, rtol=0.1)
 
 
+def test_temperature_scales_each_samples_offset_from_its_class_mean():
+    """For a Gaussian model the deterministic sampler is (nearly) linear in its starting noise,
+    so temperature T moves every sample T times as far from its class mean, in the same
+    direction, and the class covariance by T^2."""
+    torch.manual_seed(0)
+    means, covs = _random_gaussians(2, 3, seed=8)
+    den = Denoiser(dim=3, num_classes=2, hidden=16, blocks=1, expansion=2,
+                   base=_base(means, covs))
+    labels = np.repeat([0, 1], 2000)
+    out = {t: sample_latents(den, labels, dim=3, seed=1, steps=50, guidance=1.0, null_label=2,
+                             train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                             temperature=t, progress=False).double() for t in (1.0, 1.5)}
+    offset = {t: z - means.double()[torch.from_numpy(labels)] for t, z in out.items()}
+    torch.testing.assert_close(offset[1.5], 1.5 * offset[1.0], atol=0.05, rtol=0.05)
+    for c in (0, 1):
+        zc = out[1.5][torch.from_numpy(labels == c)]
+        torch.testing.assert_close(torch.cov(zc.T), 2.25 * covs[c].double(), atol=0.25,
+                                   rtol=0.1)
+
+
 def test_plan_gives_the_release_its_share_and_the_gaussian_mechanism_epsilon():
     cfg = config.resolve("quick", {"diffusion.gaussian_base": "true",
                                    "privacy.autoencoder_share": "0.2",

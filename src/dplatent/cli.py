@@ -205,6 +205,9 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
            sharpness: Annotated[Optional[float], typer.Option(
                help="decoded images are sigmoid(sharpness x decoder logits) "
                "(default from the run)")] = None,
+           temperature: Annotated[Optional[float], typer.Option(
+               help="scale of the sampler's starting noise: the samples' spread about their "
+               "class (cell) mean (default from the run)")] = None,
            progress: Annotated[bool, typer.Option(help="show progress bars")] = True):
     """Draw labelled synthetic images from a trained run (no privacy cost)."""
     import time
@@ -220,11 +223,12 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
     if control:
         typer.echo(NOT_PRIVATE_BANNER, err=True)
     x, y = generate(trained, num, seed=seed, guidance=guidance, steps=steps,
-                    sharpness=sharpness, progress=progress)
+                    sharpness=sharpness, temperature=temperature, progress=progress)
     s = trained.cfg.sampling
     info = {"seed": seed, "guidance": s.guidance if guidance is None else guidance,
             "steps": s.steps if steps is None else steps, "sampler": s.sampler,
             "sharpness": s.sharpness if sharpness is None else sharpness,
+            "temperature": s.temperature if temperature is None else temperature,
             "run_fingerprint": run_fingerprint(run), **_privacy_info(trained)}
     path = save_npz(out or run / "synthetic.npz", x, y, info=info)
     if png_dir:

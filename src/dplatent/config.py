@@ -20,6 +20,7 @@ from dplatent.errors import ConfigError
 GAUSSIAN_COVARIANCES = ("psd", "denoised")
 GAUSSIAN_RELEASES = ("equal", "weighted")
 MAX_PARTITION = 6                     # diffusion.gaussian_partition: at most 64 cells
+MAX_TEMPERATURE = 3.0                 # sampling.temperature
 UPSAMPLING = ("nearest", "shuffle")   # autoencoder.upsample
 PREDICTIONS = ("v", "epsilon")        # diffusion.prediction
 
@@ -168,10 +169,16 @@ class SamplingConfig:
     sampler: str = "ddim"                  # 'ddim' or 'dpm' (DPM-Solver++, diffusers)
     # decoded images are sigmoid(sharpness * decoder logits); 1 = the decoder's own output
     sharpness: float = 1.0
+    # the sampler's starting noise is scaled by this; for a Gaussian latent model the
+    # deterministic sampler is linear in it, so it scales each sample's spread about its
+    # class (cell) mean; 1 = the model's own spread (diffusion/sampler.py)
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.sampler in ("ddim", "dpm"), f"sampling.sampler: unknown {self.sampler!r}")
         _check(0 < self.sharpness <= 10, "sampling.sharpness must be in (0, 10]")
+        _check(0 < self.temperature <= MAX_TEMPERATURE,
+               f"sampling.temperature must be in (0, {MAX_TEMPERATURE:g}]")
         _check(self.steps >= 1, "sampling.steps must be >= 1")
         _check(self.guidance >= 0, "sampling.guidance must be >= 0")
         _check(self.batch_size >= 1, "sampling.batch_size must be >= 1")

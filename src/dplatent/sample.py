@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dplatent import device as device_mod  # noqa: E402
-from dplatent.config import RunConfig, from_dict  # noqa: E402
+from dplatent.config import MAX_TEMPERATURE, RunConfig, from_dict  # noqa: E402
 from dplatent.diffusion.sampler import sample_latents  # noqa: E402
 from dplatent.errors import ConfigError, DplatentError  # noqa: E402
 from dplatent.io import atomic_folder, atomic_write, sha256_file  # noqa: E402
@@ -101,7 +101,8 @@ def balanced_labels(num: int, num_classes: int) -> np.ndarray:
 @torch.no_grad()
 def generate(run: TrainedRun, num: int, *, seed: int = 0, guidance: float | None = None,
              steps: int | None = None, sampler: str | None = None,
-             sharpness: float | None = None, labels: np.ndarray | None = None,
+             sharpness: float | None = None, temperature: float | None = None,
+             labels: np.ndarray | None = None,
              progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(x uint8, y int64) of `num` decoded samples; unset settings come from the run."""
     if num < 1:
@@ -112,6 +113,8 @@ def generate(run: TrainedRun, num: int, *, seed: int = 0, guidance: float | None
         raise ConfigError(f"guidance must be >= 0 and finite, got {guidance}")
     if sharpness is not None and not 0 < sharpness <= 10:
         raise ConfigError(f"sharpness must be in (0, 10], got {sharpness}")
+    if temperature is not None and not 0 < temperature <= MAX_TEMPERATURE:
+        raise ConfigError(f"temperature must be in (0, {MAX_TEMPERATURE:g}], got {temperature}")
     s, d = run.cfg.sampling, run.cfg.diffusion
     sharpness = s.sharpness if sharpness is None else sharpness
     y = balanced_labels(num, run.num_classes) if labels is None else labels
@@ -122,7 +125,9 @@ def generate(run: TrainedRun, num: int, *, seed: int = 0, guidance: float | None
                        null_label=run.num_classes, train_timesteps=d.train_timesteps,
                        beta_schedule=d.beta_schedule, sampler=sampler or s.sampler,
                        prediction=d.prediction,
-                       batch_size=s.batch_size, progress=progress)
+                       batch_size=s.batch_size,
+                       temperature=s.temperature if temperature is None else temperature,
+                       progress=progress)
     images = []
     for i in range(0, len(z), s.batch_size):
         images.append(run.autoencoder.decode(z[i:i + s.batch_size].view(-1, *shape),

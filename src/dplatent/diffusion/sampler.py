@@ -4,6 +4,10 @@ Each sample's starting noise comes from its own seed (run seed, sample index), a
 are deterministic, so sample i is the same whatever the batch it is drawn in. The starting noise
 is drawn on the CPU (a few numbers per sample) and then moved to the model's device, so the
 same seed starts from the same noise on every device.
+
+Temperature T scales the starting noise. For data from a Gaussian N(mu, S) the deterministic
+sampler (DDIM, the probability-flow ODE) maps starting noise e to about mu + S^(1/2) e, so T
+scales each sample's spread about its mean by T (for a mixture, about its component's mean).
 """
 
 from __future__ import annotations
@@ -41,9 +45,9 @@ def guided_output(model: nn.Module, z: torch.Tensor, t: torch.Tensor, y: torch.T
 def sample_latents(model: nn.Module, labels: np.ndarray, *, dim: int, seed: int, steps: int,
                    guidance: float, null_label: int, train_timesteps: int, beta_schedule: str,
                    sampler: str = "ddim", prediction: str = "v", batch_size: int = 2000,
-                   progress: bool = True) -> torch.Tensor:
+                   temperature: float = 1.0, progress: bool = True) -> torch.Tensor:
     """Latents [N, dim] on the model's device for the given labels; sample i uses seed
-    (seed, i)."""
+    (seed, i), its starting noise scaled by `temperature` (module docstring)."""
     model.eval()
     device = next(model.parameters()).device
     out = []
@@ -51,7 +55,7 @@ def sample_latents(model: nn.Module, labels: np.ndarray, *, dim: int, seed: int,
     for start in tqdm(starts, desc="sampling", unit="batch", disable=not progress):
         idx = np.arange(start, min(start + batch_size, len(labels)))
         y = torch.as_tensor(labels[idx], dtype=torch.long, device=device)
-        z = initial_noise(seed, idx, dim).to(device)
+        z = initial_noise(seed, idx, dim).to(device) * temperature
         sched = sampler_scheduler(sampler, train_timesteps, beta_schedule, prediction)
         sched.set_timesteps(steps, device=device)
         z = z * sched.init_noise_sigma

@@ -270,23 +270,15 @@ def test_sampled_npz_carries_the_runs_epsilon(tiny_run, tmp_path, monkeypatch, c
     assert "label" not in info
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "11", "nan"])
-def test_sample_refuses_a_sharpness_outside_its_range(value, tiny_run, tmp_path, monkeypatch,
-                                                      capsys):
+@pytest.mark.parametrize("option,value,bounds",
+                         [("sharpness", v, "(0, 10]") for v in ("0", "-1", "11", "nan")]
+                         + [("temperature", v, "(0, 3]") for v in ("0", "-0.5", "3.5", "nan")])
+def test_sample_refuses_a_setting_outside_its_range(option, value, bounds, tiny_run, tmp_path,
+                                                    monkeypatch, capsys):
     out = tmp_path / "s.npz"
     code, _, err = run_main(["sample", "--run", str(tiny_run), "--num", "10", "--out", str(out),
-                             "--sharpness", value, "--no-progress"], monkeypatch, capsys)
-    assert_one_line_error(code, err, f"sharpness must be in (0, 10], got {float(value)}")
-    assert not out.exists()
-
-
-@pytest.mark.parametrize("value", ["0", "-0.5", "3.5", "nan"])
-def test_sample_refuses_a_temperature_outside_its_range(value, tiny_run, tmp_path, monkeypatch,
-                                                        capsys):
-    out = tmp_path / "s.npz"
-    code, _, err = run_main(["sample", "--run", str(tiny_run), "--num", "10", "--out", str(out),
-                             "--temperature", value, "--no-progress"], monkeypatch, capsys)
-    assert_one_line_error(code, err, f"temperature must be in (0, 3], got {float(value)}")
+                             f"--{option}", value, "--no-progress"], monkeypatch, capsys)
+    assert_one_line_error(code, err, f"{option} must be in {bounds}, got {float(value)}")
     assert not out.exists()
 
 

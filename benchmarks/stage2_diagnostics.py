@@ -61,8 +61,7 @@ def shared_within(first: gb.NoisySums, sums: gb.NoisySums, per_class: int
     means about their mixture mean, projected onto PSD matrices (post-processing)."""
     class_means, class_covs = gb.gaussians(first, "denoised")
     classes = len(class_means) - 1
-    count = gb.class_counts(sums)[:, None]
-    means = sums.first / sums.weights[0] / count * sums.radius
+    means = gb.group_means(sums)
     w = gb.cell_weights(sums, per_class)                       # [C, K]
     m = means.view(classes, per_class, -1)
     centre = torch.einsum("ck,ckd->cd", w, m)

@@ -176,10 +176,10 @@ def gaussians(sums: NoisySums, covariance: str = "psd",
     if covariance not in GAUSSIAN_COVARIANCES:
         raise ValueError(f"covariance must be one of {GAUSSIAN_COVARIANCES}, "
                          f"got {covariance!r}")
-    w_first, _, w_second = sums.weights
+    w_second = sums.weights[2]
     r = sums.radius
     count = class_counts(sums)[:, None]
-    means = sums.first / w_first / count * r
+    means = group_means(sums)
     second = sums.second / w_second / count[..., None] * r * r
     second = (second + second.transpose(1, 2)) / 2
     raw = second - torch.einsum("ci,cj->cij", means, means)
@@ -193,6 +193,11 @@ def gaussians(sums: NoisySums, covariance: str = "psd",
                               covs + torch.einsum("ci,cj->cij", means, means))
     mix_cov = psd(mix_second - torch.outer(mix_mean, mix_mean))
     return torch.cat([means, mix_mean[None]]), torch.cat([covs, mix_cov[None]])
+
+
+def group_means(sums: NoisySums) -> torch.Tensor:
+    """[M, D]: each released group's mean in latent units, from its first moment and count."""
+    return sums.first / sums.weights[0] / class_counts(sums)[:, None] * sums.radius
 
 
 def class_counts(sums: NoisySums) -> torch.Tensor:

@@ -3,6 +3,7 @@ traceback; checkpoints holding pickled objects are refused without running their
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -312,3 +313,15 @@ def test_sharpness_sharpens_the_same_latents_and_is_recorded(tiny_run, tmp_path,
     assert np.all(np.sign(three) * np.sign(one) >= 0)   # no pixel crosses grey
     assert np.all(np.abs(three) >= np.abs(one) - 1)     # none comes nearer to it (rounding)
     assert np.abs(three).mean() > np.abs(one).mean() + 5
+
+
+def test_settings_for_puts_only_the_given_settings_in_the_runs_place(tiny_run):
+    from dplatent.sample import TrainedRun, settings_for
+    run = TrainedRun(tiny_run)
+    assert settings_for(run) == run.cfg.sampling
+    s = settings_for(run, temperature=1.7, steps=3)
+    assert (s.temperature, s.steps) == (1.7, 3)
+    assert dataclasses.replace(s, temperature=run.cfg.sampling.temperature,
+                               steps=run.cfg.sampling.steps) == run.cfg.sampling
+    with pytest.raises(ConfigError, match="sampling steps must be >= 1, got 0"):
+        settings_for(run, steps=0)

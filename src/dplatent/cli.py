@@ -213,7 +213,8 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
     import time
 
     from dplatent.io import check_empty_target
-    from dplatent.sample import TrainedRun, generate, run_fingerprint, save_npz, save_png_dir
+    from dplatent.sample import (TrainedRun, generate, run_fingerprint, save_npz, save_png_dir,
+                                 SETTINGS_RECORDED, settings_for)
     t = time.time()
     for target in (png_dir, export_dir):
         if target:
@@ -222,13 +223,10 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
     control = trained.cfg.privacy.non_private_control
     if control:
         typer.echo(NOT_PRIVATE_BANNER, err=True)
-    x, y = generate(trained, num, seed=seed, guidance=guidance, steps=steps,
-                    sharpness=sharpness, temperature=temperature, progress=progress)
-    s = trained.cfg.sampling
-    info = {"seed": seed, "guidance": s.guidance if guidance is None else guidance,
-            "steps": s.steps if steps is None else steps, "sampler": s.sampler,
-            "sharpness": s.sharpness if sharpness is None else sharpness,
-            "temperature": s.temperature if temperature is None else temperature,
+    settings = settings_for(trained, guidance=guidance, steps=steps, sharpness=sharpness,
+                            temperature=temperature)
+    x, y = generate(trained, num, seed=seed, settings=settings, progress=progress)
+    info = {"seed": seed, **{k: getattr(settings, k) for k in SETTINGS_RECORDED},
             "run_fingerprint": run_fingerprint(run), **_privacy_info(trained)}
     path = save_npz(out or run / "synthetic.npz", x, y, info=info)
     if png_dir:

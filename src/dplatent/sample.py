@@ -5,6 +5,7 @@ Writes `x` (N, H, W) or (N, H, W, C) uint8 and `y` (N,) int64, classes balanced 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -19,7 +20,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dplatent import device as device_mod  # noqa: E402
-from dplatent.config import MAX_TEMPERATURE, RunConfig, from_dict  # noqa: E402
+from dplatent.config import MAX_TEMPERATURE, RunConfig, SamplingConfig, from_dict  # noqa: E402
 from dplatent.diffusion.sampler import sample_latents  # noqa: E402
 from dplatent.errors import ConfigError, DplatentError  # noqa: E402
 from dplatent.io import atomic_folder, atomic_write, sha256_file  # noqa: E402
@@ -98,15 +99,14 @@ def balanced_labels(num: int, num_classes: int) -> np.ndarray:
     return np.arange(num) % num_classes
 
 
-@torch.no_grad()
-def generate(run: TrainedRun, num: int, *, seed: int = 0, guidance: float | None = None,
-             steps: int | None = None, sampler: str | None = None,
-             sharpness: float | None = None, temperature: float | None = None,
-             labels: np.ndarray | None = None,
-             progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(x uint8, y int64) of `num` decoded samples; unset settings come from the run."""
-    if num < 1:
-        raise ConfigError(f"number of samples must be >= 1, got {num}")
+# the sampling settings an npz's info records (with the seed)
+SETTINGS_RECORDED = ("guidance", "steps", "sampler", "sharpness", "temperature")
+
+
+def settings_for(run: TrainedRun, *, guidance: float | None = None, steps: int | None = None,
+                 sampler: str | None = None, sharpness: float | None = None,
+                 temperature: float | None = None) -> SamplingConfig:
+    """The run's sampling settings, each one given here (not None) put in its place."""
     if steps is not None and steps < 1:
         raise ConfigError(f"sampling steps must be >= 1, got {steps}")
     if guidance is not None and not (guidance >= 0 and math.isfinite(guidance)):
@@ -115,23 +115,32 @@ def generate(run: TrainedRun, num: int, *, seed: int = 0, guidance: float | None
         raise ConfigError(f"sharpness must be in (0, 10], got {sharpness}")
     if temperature is not None and not 0 < temperature <= MAX_TEMPERATURE:
         raise ConfigError(f"temperature must be in (0, {MAX_TEMPERATURE:g}], got {temperature}")
-    s, d = run.cfg.sampling, run.cfg.diffusion
-    sharpness = s.sharpness if sharpness is None else sharpness
+    given = dict(guidance=guidance, steps=steps, sampler=sampler, sharpness=sharpness,
+                 temperature=temperature)
+    return dataclasses.replace(run.cfg.sampling,
+                               **{k: v for k, v in given.items() if v is not None})
+
+
+@torch.no_grad()
+def generate(run: TrainedRun, num: int, *, seed: int = 0, settings: SamplingConfig | None = None,
+             labels: np.ndarray | None = None,
+             progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(x uint8, y int64) of `num` decoded samples, drawn with `settings` (default: the run's;
+    `settings_for` changes some of them)."""
+    if num < 1:
+        raise ConfigError(f"number of samples must be >= 1, got {num}")
+    s, d = settings or run.cfg.sampling, run.cfg.diffusion
     y = balanced_labels(num, run.num_classes) if labels is None else labels
     shape = run.autoencoder.latent_shape
-    z = sample_latents(run.denoiser, y, dim=int(np.prod(shape)), seed=seed,
-                       steps=s.steps if steps is None else steps,
-                       guidance=s.guidance if guidance is None else guidance,
-                       null_label=run.num_classes, train_timesteps=d.train_timesteps,
-                       beta_schedule=d.beta_schedule, sampler=sampler or s.sampler,
-                       prediction=d.prediction,
-                       batch_size=s.batch_size,
-                       temperature=s.temperature if temperature is None else temperature,
-                       progress=progress)
+    z = sample_latents(run.denoiser, y, dim=int(np.prod(shape)), seed=seed, steps=s.steps,
+                       guidance=s.guidance, null_label=run.num_classes,
+                       train_timesteps=d.train_timesteps, beta_schedule=d.beta_schedule,
+                       sampler=s.sampler, prediction=d.prediction, batch_size=s.batch_size,
+                       temperature=s.temperature, progress=progress)
     images = []
     for i in range(0, len(z), s.batch_size):
         images.append(run.autoencoder.decode(z[i:i + s.batch_size].view(-1, *shape),
-                                             sharpness))
+                                             s.sharpness))
     x = (torch.cat(images).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     x = x[:, 0] if x.shape[1] == 1 else x.transpose(0, 2, 3, 1)
     return x, y.astype(np.int64)

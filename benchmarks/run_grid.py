@@ -74,14 +74,18 @@ def cell_key(r: dict) -> tuple:
     return (r["dataset"], float(r["epsilon"]), r["preset"])
 
 
+def run_dir_of(args, rec: dict) -> Path:
+    run_dir = Path(args.runs) / f"{rec['dataset']}-eps{rec['epsilon']:g}-{rec['preset']}"
+    return run_dir if run_dir.is_absolute() else ROOT / run_dir
+
+
 def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = None) -> dict:
     """Train (or resume), sample and evaluate one cell. The record's `command` is always the
     command that trains the cell from scratch; a resumed finished run (re-evaluated) keeps
     the peak memory of `previous`, its earlier record (which covered training), when that is
     higher, since the resumed run only loads the models."""
     exe = [sys.executable, "-m", "dplatent"]
-    run_dir = Path(args.runs) / f"{dataset}-eps{epsilon:g}-{args.preset}"
-    run_dir = run_dir if run_dir.is_absolute() else ROOT / run_dir
+    run_dir = run_dir_of(args, {"dataset": dataset, "epsilon": epsilon, "preset": args.preset})
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     fresh_cmd = [*exe, "train", "--dataset", dataset, "--epsilon", f"{epsilon:g}",
                  "--delta", f"{args.delta:g}", "--preset", args.preset, "--out",
@@ -106,7 +110,7 @@ def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = No
     ev = json.loads(eval_json.read_text())
     ledger = json.loads((run_dir / "privacy.json").read_text())
     timings = json.loads((run_dir / "timings.json").read_text())
-    guidance = json.loads((run_dir / "config.json").read_text())["sampling"]["guidance"]
+    sampling = sampling_of(run_dir)
     return {
         "dataset": dataset, "epsilon": epsilon, "delta": args.delta, "preset": args.preset,
         "public_data": False,
@@ -123,17 +127,38 @@ def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = No
         "num_samples": args.num_samples, "classifier_seeds": args.seeds,
         "cnn_epochs": args.cnn_epochs or 10, "evaluate_command": shown(eval_cmd),
         "peak_rss_mb": max(rss1, rss2, rss3),
-        "command": shown(fresh_cmd), "resumed": resumed, "guidance": guidance,
+        "command": shown(fresh_cmd), "resumed": resumed, "sampling": sampling,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
         "date": dt.date.today().isoformat(),
     }
 
 
+# the sampling settings a record shows
+SAMPLING_SHOWN = ("guidance", "temperature", "sharpness")
+
+
+def sampling_of(run_dir: Path) -> dict:
+    """The sampling settings in a run's config.json."""
+    saved = json.loads((run_dir / "config.json").read_text())["sampling"]
+    return {k: saved.get(k, 1.0) for k in SAMPLING_SHOWN}
+
+
+def with_sampling(args, rec: dict) -> dict:
+    """A record with its sampling settings. Records before 2026-12-01 lack them; every preset
+    then sampled at temperature and sharpness 1. Records of 2026-12-01 (when `full` took
+    other values) lack them too; their cell's run directory holds the settings."""
+    if "sampling" in rec:
+        return rec
+    if rec["date"] >= "2026-12-01":
+        return {**rec, "sampling": sampling_of(run_dir_of(args, rec))}
+    return {**rec, "sampling": {"guidance": rec["guidance"], "temperature": 1.0,
+                                "sharpness": 1.0}}
+
+
 def remeasure_fid(args, rec: dict, log) -> dict:
     """The record with FID re-measured at args.fid_samples on its existing synthetic images."""
     exe = [sys.executable, "-m", "dplatent"]
-    run_dir = Path(args.runs) / f"{rec['dataset']}-eps{rec['epsilon']:g}-{rec['preset']}"
-    run_dir = run_dir if run_dir.is_absolute() else ROOT / run_dir
+    run_dir = run_dir_of(args, rec)
     synth = run_dir / "synthetic.npz"
     if not synth.is_file():
         raise SystemExit(f"--fid-only: {synth} is missing; run the cell first")
@@ -160,8 +185,9 @@ def fmt(v, pct: bool = False, digits: int = 1) -> str:
 
 
 def table(results: list[dict]) -> str:
-    head = ("| data set | ε (ledger) | preset (guidance) | CNN % | MLP % | LogReg % | FID (n) | "
-            "classifiers trained on | train AE / diff. (s) | sample (s) | peak RSS (MB) | date |\n"
+    head = ("| data set | ε (ledger) | preset (guidance, T, sharpness) | CNN % | MLP % "
+            "| LogReg % | FID (n) | classifiers trained on | train AE / diff. (s) | sample (s) "
+            "| peak RSS (MB) | date |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for r in sorted(results, key=lambda r: (r["dataset"], -r["epsilon"], r["preset"])):
@@ -172,9 +198,10 @@ def table(results: list[dict]) -> str:
         fid += "".join(f"; {v:.1f} ({n})" for n, v in sorted(
             (r.get("fid_at") or {}).items(), key=lambda kv: -int(kv[0]))
             if int(n) != r["fid_samples"])
+        settings = ", ".join(f"{r['sampling'][k]:g}" for k in SAMPLING_SHOWN)
         rows.append(
             f"| {r['dataset']} | {r['epsilon']:g} ({r['epsilon_ledger']:.2f}) | {r['preset']} "
-            f"({r.get('guidance', '?')}) "
+            f"({settings}) "
             f"| {cnn} | {fmt(r['mlp_acc'], True)} | {fmt(r['logreg_acc'], True)} | {fid} "
             f"| {r['num_samples'] // 1000}k, CNN {r.get('cnn_epochs', 10)} ep. "
             f"× {r.get('classifier_seeds', 3)} "
@@ -214,8 +241,9 @@ def main() -> None:
     ap.add_argument("--markdown-only", action="store_true",
                     help="rewrite BENCHMARKS.md from results.json and exit")
     args = ap.parse_args()
-    results = load_results()
+    results = [with_sampling(args, r) for r in load_results()]
     if args.markdown_only:
+        save_results(results)
         write_markdown(results)
         return
     log_path = ROOT / "benchmarks" / "grid.log"

@@ -323,5 +323,5 @@ def test_settings_for_puts_only_the_given_settings_in_the_runs_place(tiny_run):
     assert (s.temperature, s.steps) == (1.7, 3)
     assert dataclasses.replace(s, temperature=run.cfg.sampling.temperature,
                                steps=run.cfg.sampling.steps) == run.cfg.sampling
-    with pytest.raises(ConfigError, match="sampling steps must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="sampling.steps must be >= 1, got 0"):
         settings_for(run, steps=0)

@@ -73,11 +73,11 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--steps", "0"], "sampling steps must be >= 1, got 0"),
-    (["--steps", "-2"], "sampling steps must be >= 1, got -2"),
-    (["--guidance", "-1"], "guidance must be >= 0 and finite, got -1.0"),
-    (["--guidance", "nan"], "guidance must be >= 0 and finite, got nan"),
-    (["--guidance", "inf"], "guidance must be >= 0 and finite, got inf"),
+    (["--steps", "0"], "sampling.steps must be >= 1, got 0"),
+    (["--steps", "-2"], "sampling.steps must be >= 1, got -2"),
+    (["--guidance", "-1"], "sampling.guidance must be >= 0 and finite, got -1.0"),
+    (["--guidance", "nan"], "sampling.guidance must be >= 0 and finite, got nan"),
+    (["--guidance", "inf"], "sampling.guidance must be >= 0 and finite, got inf"),
 ])
 def test_sample_refuses_bad_steps_and_guidance(args, message, tiny_run, tmp_path, monkeypatch,
                                                capsys):

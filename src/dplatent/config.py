@@ -176,11 +176,14 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         _check(self.sampler in ("ddim", "dpm"), f"sampling.sampler: unknown {self.sampler!r}")
-        _check(0 < self.sharpness <= 10, "sampling.sharpness must be in (0, 10]")
+        _check(0 < self.sharpness <= 10,
+               f"sampling.sharpness must be in (0, 10], got {self.sharpness}")
         _check(0 < self.temperature <= MAX_TEMPERATURE,
-               f"sampling.temperature must be in (0, {MAX_TEMPERATURE:g}]")
-        _check(self.steps >= 1, "sampling.steps must be >= 1")
-        _check(self.guidance >= 0, "sampling.guidance must be >= 0")
+               f"sampling.temperature must be in (0, {MAX_TEMPERATURE:g}], "
+               f"got {self.temperature}")
+        _check(self.steps >= 1, f"sampling.steps must be >= 1, got {self.steps}")
+        _check(0 <= self.guidance < float("inf"),
+               f"sampling.guidance must be >= 0 and finite, got {self.guidance}")
         _check(self.batch_size >= 1, "sampling.batch_size must be >= 1")
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import matplotlib
@@ -20,7 +19,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dplatent import device as device_mod  # noqa: E402
-from dplatent.config import MAX_TEMPERATURE, RunConfig, SamplingConfig, from_dict  # noqa: E402
+from dplatent.config import RunConfig, SamplingConfig, from_dict  # noqa: E402
 from dplatent.diffusion.sampler import sample_latents  # noqa: E402
 from dplatent.errors import ConfigError, DplatentError  # noqa: E402
 from dplatent.io import atomic_folder, atomic_write, sha256_file  # noqa: E402
@@ -106,15 +105,8 @@ SETTINGS_RECORDED = ("guidance", "steps", "sampler", "sharpness", "temperature")
 def settings_for(run: TrainedRun, *, guidance: float | None = None, steps: int | None = None,
                  sampler: str | None = None, sharpness: float | None = None,
                  temperature: float | None = None) -> SamplingConfig:
-    """The run's sampling settings, each one given here (not None) put in its place."""
-    if steps is not None and steps < 1:
-        raise ConfigError(f"sampling steps must be >= 1, got {steps}")
-    if guidance is not None and not (guidance >= 0 and math.isfinite(guidance)):
-        raise ConfigError(f"guidance must be >= 0 and finite, got {guidance}")
-    if sharpness is not None and not 0 < sharpness <= 10:
-        raise ConfigError(f"sharpness must be in (0, 10], got {sharpness}")
-    if temperature is not None and not 0 < temperature <= MAX_TEMPERATURE:
-        raise ConfigError(f"temperature must be in (0, {MAX_TEMPERATURE:g}], got {temperature}")
+    """The run's sampling settings, each one given here (not None) put in its place; the
+    result validates itself (ConfigError naming the setting and the value given)."""
     given = dict(guidance=guidance, steps=steps, sampler=sampler, sharpness=sharpness,
                  temperature=temperature)
     return dataclasses.replace(run.cfg.sampling,

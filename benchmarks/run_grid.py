@@ -74,8 +74,8 @@ def cell_key(r: dict) -> tuple:
     return (r["dataset"], float(r["epsilon"]), r["preset"])
 
 
-def run_dir_of(args, rec: dict) -> Path:
-    run_dir = Path(args.runs) / f"{rec['dataset']}-eps{rec['epsilon']:g}-{rec['preset']}"
+def run_dir_of(args, dataset: str, epsilon: float, preset: str) -> Path:
+    run_dir = Path(args.runs) / f"{dataset}-eps{epsilon:g}-{preset}"
     return run_dir if run_dir.is_absolute() else ROOT / run_dir
 
 
@@ -85,7 +85,7 @@ def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = No
     the peak memory of `previous`, its earlier record (which covered training), when that is
     higher, since the resumed run only loads the models."""
     exe = [sys.executable, "-m", "dplatent"]
-    run_dir = run_dir_of(args, {"dataset": dataset, "epsilon": epsilon, "preset": args.preset})
+    run_dir = run_dir_of(args, dataset, epsilon, args.preset)
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     fresh_cmd = [*exe, "train", "--dataset", dataset, "--epsilon", f"{epsilon:g}",
                  "--delta", f"{args.delta:g}", "--preset", args.preset, "--out",
@@ -143,22 +143,10 @@ def sampling_of(run_dir: Path) -> dict:
     return {k: saved.get(k, 1.0) for k in SAMPLING_SHOWN}
 
 
-def with_sampling(args, rec: dict) -> dict:
-    """A record with its sampling settings. Records before 2026-12-01 lack them; every preset
-    then sampled at temperature and sharpness 1. Records of 2026-12-01 (when `full` took
-    other values) lack them too; their cell's run directory holds the settings."""
-    if "sampling" in rec:
-        return rec
-    if rec["date"] >= "2026-12-01":
-        return {**rec, "sampling": sampling_of(run_dir_of(args, rec))}
-    return {**rec, "sampling": {"guidance": rec["guidance"], "temperature": 1.0,
-                                "sharpness": 1.0}}
-
-
 def remeasure_fid(args, rec: dict, log) -> dict:
     """The record with FID re-measured at args.fid_samples on its existing synthetic images."""
     exe = [sys.executable, "-m", "dplatent"]
-    run_dir = run_dir_of(args, rec)
+    run_dir = run_dir_of(args, *cell_key(rec))
     synth = run_dir / "synthetic.npz"
     if not synth.is_file():
         raise SystemExit(f"--fid-only: {synth} is missing; run the cell first")
@@ -241,9 +229,8 @@ def main() -> None:
     ap.add_argument("--markdown-only", action="store_true",
                     help="rewrite BENCHMARKS.md from results.json and exit")
     args = ap.parse_args()
-    results = [with_sampling(args, r) for r in load_results()]
+    results = load_results()
     if args.markdown_only:
-        save_results(results)
         write_markdown(results)
         return
     log_path = ROOT / "benchmarks" / "grid.log"

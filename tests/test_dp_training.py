@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import loss_from_draws, predraw
 from torch import nn
+from torch.nn import functional as F
 
 from dplatent.diffusion.loss import denoising_loss
 from dplatent.diffusion.schedule import alphas_cumprod
@@ -72,8 +73,9 @@ class AutoencoderStage(Stage):
     mode = "hooks"
 
     def __init__(self, contiguous: bool = True, decoder_blocks: int = 0,
-                 upsample: str = "nearest"):
+                 upsample: str = "nearest", latent_noise: float = 0.0):
         torch.manual_seed(0)
+        self.latent_noise = latent_noise
         self.model = Autoencoder(in_channels=1, image_size=16, channels=(8, 16),
                                  latent_channels=2, decoder_blocks=decoder_blocks,
                                  upsample=upsample)
@@ -89,13 +91,22 @@ class AutoencoderStage(Stage):
             return self.x[idx]
         return self.x.transpose(2, 3)[idx].transpose(2, 3)
 
+    def _noise_gen(self) -> torch.Generator:
+        return torch.Generator().manual_seed(77)
+
     def loss(self, module, idx):
-        return reconstruction_loss(module, self._images(idx))
+        return reconstruction_loss(module, self._images(idx), self.latent_noise,
+                                   self._noise_gen())
 
     def reference_losses(self, model, chunks):
         for chunk in chunks:
-            for i in chunk.tolist():
-                yield i, reconstruction_loss(model, self._images(torch.tensor([i])))[0]
+            # the draw the batched loss makes for this chunk, row j for its j-th example
+            noise = self.latent_noise * torch.randn((len(chunk), *model.latent_shape),
+                                                    generator=self._noise_gen())
+            for j, i in enumerate(chunk.tolist()):
+                x = self._images(torch.tensor([i]))
+                logits = model.decoder(model.encode(x) + noise[j:j + 1])
+                yield i, F.binary_cross_entropy_with_logits(logits, x)
 
 
 class DenoiserStage(Stage):
@@ -204,14 +215,18 @@ def test_replayed_draws_reproduce_the_library_denoising_loss():
     assert drop.any() and not drop.all(), "the draws should use both real and null labels"
 
 
-@pytest.mark.parametrize("contiguous,blocks,upsample",
-                         [(True, 0, "nearest"), (False, 0, "nearest"), (True, 2, "shuffle")],
-                         ids=["contiguous", "non-contiguous", "residual-shuffle-decoder"])
+@pytest.mark.parametrize("contiguous,blocks,upsample,latent_noise",
+                         [(True, 0, "nearest", 0.0), (False, 0, "nearest", 0.0),
+                          (True, 2, "shuffle", 0.0), (True, 0, "nearest", 0.4)],
+                         ids=["contiguous", "non-contiguous", "residual-shuffle-decoder",
+                              "latent-noise"])
 def test_hooks_per_example_gradients_of_the_autoencoder_match_the_explicit_loop(
-        contiguous, blocks, upsample):
+        contiguous, blocks, upsample, latent_noise):
     """Opacus' per-example gradients themselves (before clipping), conv input either layout,
-    and with the optional decoder (residual blocks, sub-pixel upsampling)."""
-    s = AutoencoderStage(contiguous=contiguous, decoder_blocks=blocks, upsample=upsample)
+    with the optional decoder (residual blocks, sub-pixel upsampling) and with training's
+    latent noise (each example's gradient is that of its own noisy reconstruction)."""
+    s = AutoencoderStage(contiguous=contiguous, decoder_blocks=blocks, upsample=upsample,
+                         latent_noise=latent_noise)
     chunks = chunked(N_EXAMPLES, N_EXAMPLES)
     ref = per_example_grads(s, chunks)
     opt = RecordingSGD(s.model.parameters())

@@ -36,6 +36,50 @@ def test_autoencoder_shapes(channels, size, stages, latent, blocks, upsample):
     assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
 
 
+def test_latent_noise_is_added_to_the_latent_before_decoding_and_only_when_asked():
+    ae = autoencoder()
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        plain = ae(x)
+        torch.testing.assert_close(ae(x, 0.0, torch.Generator().manual_seed(3)), plain)
+        noisy = ae(x, 0.5, torch.Generator().manual_seed(3))
+        noise = 0.5 * torch.randn((4, *ae.latent_shape), generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(noisy, ae.decoder(ae.encode(x) + noise))
+        assert (noisy - plain).abs().max() > 1e-3
+        # the loss draws from the generator it is given: the same seed, the same loss
+        a = reconstruction_loss(ae, x, 0.5, torch.Generator().manual_seed(9))
+        b = reconstruction_loss(ae, x, 0.5, torch.Generator().manual_seed(9))
+        c = reconstruction_loss(ae, x, 0.5, torch.Generator().manual_seed(10))
+    torch.testing.assert_close(a, b)
+    assert a.shape == (4,) and not torch.allclose(a, c)
+
+
+def test_stage_1_trains_with_the_configured_latent_noise(monkeypatch, tmp_path):
+    """train_autoencoder hands train_stage a per-example loss that decodes with
+    autoencoder.latent_noise, drawn from the generator the loop passes."""
+    from dplatent.config import resolve
+    from dplatent.train import stages
+    captured = {}
+    monkeypatch.setattr(stages, "train_stage",
+                        lambda model, n, loss_fn, *a, **k: captured.update(fn=loss_fn, model=model))
+
+    class Plan:
+        def stage(self, name):
+            return None
+
+    cfg = resolve("smoke", {"autoencoder.latent_noise": "0.5"})
+    images = torch.rand(6, 1, 28, 28)
+    stages.train_autoencoder(images, cfg, Plan(), ledger=None, run_dir=tmp_path)
+    idx = torch.tensor([4, 1, 2])
+    ae = captured["model"]
+    with torch.no_grad():
+        got = captured["fn"](ae, idx, torch.Generator().manual_seed(5))
+        want = reconstruction_loss(ae, images[idx], 0.5, torch.Generator().manual_seed(5))
+        plain = reconstruction_loss(ae, images[idx])
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, plain)
+
+
 def test_image_size_must_be_divisible_by_the_downsampling():
     from dplatent.errors import ConfigError
     with pytest.raises(ConfigError,

@@ -127,11 +127,19 @@ class Autoencoder(nn.Module):
         that it leaves grey toward their nearer extreme (a temperature 1 / sharpness)."""
         return torch.sigmoid(sharpness * self.decoder(z))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
+    def forward(self, x: torch.Tensor, latent_noise: float = 0.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Logits of the reconstruction. latent_noise s > 0 (training only) decodes the latent
+        with N(0, s^2) added to each coordinate, drawn from `generator`, independently of x."""
+        z = self.encoder(x)
+        if latent_noise > 0:
+            z = z + latent_noise * torch.randn(z.shape, generator=generator, device=z.device)
+        return self.decoder(z)
 
 
-def reconstruction_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Per-example binary cross-entropy of the reconstruction, shape [B]."""
-    logits = model(x)
+def reconstruction_loss(model: nn.Module, x: torch.Tensor, latent_noise: float = 0.0,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-example binary cross-entropy of the reconstruction, shape [B] (latent noise: see
+    Autoencoder.forward)."""
+    logits = model(x, latent_noise, generator) if latent_noise > 0 else model(x)
     return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).mean(1)

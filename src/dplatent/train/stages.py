@@ -70,7 +70,8 @@ def train_autoencoder(images: torch.Tensor, cfg: RunConfig, plan: PrivacyPlan, l
     model = build_autoencoder(cfg, images.shape[1], images.shape[2]).to(images.device)
 
     def loss_fn(module, idx, gen):
-        return reconstruction_loss(module, images[idx.to(images.device)])
+        return reconstruction_loss(module, images[idx.to(images.device)],
+                                   cfg.autoencoder.latent_noise, gen)
 
     settings = StageSettings(name="autoencoder", plan=plan.stage("autoencoder"),
                              lr=cfg.autoencoder.lr,

@@ -8,7 +8,6 @@ The resolved configuration is written into every run directory.
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +59,7 @@ class AutoencoderConfig:
     def __post_init__(self) -> None:
         _check(len(self.channels) >= 1, "autoencoder.channels: need at least one stage")
         _check(self.decoder_blocks >= 0, "autoencoder.decoder_blocks must be >= 0")
-        _check(math.isfinite(self.latent_noise) and self.latent_noise >= 0,
+        _check(0 <= self.latent_noise < float("inf"),
                f"autoencoder.latent_noise must be >= 0 and finite, got {self.latent_noise}")
         _one_of("autoencoder.upsample", self.upsample, UPSAMPLING)
         _check(all(c > 0 and c % 8 == 0 for c in self.channels),

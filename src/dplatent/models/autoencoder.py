@@ -141,5 +141,5 @@ def reconstruction_loss(model: nn.Module, x: torch.Tensor, latent_noise: float =
                         generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-example binary cross-entropy of the reconstruction, shape [B] (latent noise: see
     Autoencoder.forward)."""
-    logits = model(x, latent_noise, generator) if latent_noise > 0 else model(x)
+    logits = model(x, latent_noise, generator)
     return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).mean(1)

@@ -111,6 +111,8 @@ def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = No
     ledger = json.loads((run_dir / "privacy.json").read_text())
     timings = json.loads((run_dir / "timings.json").read_text())
     sampling = sampling_of(run_dir)
+    latent_noise = json.loads((run_dir / "config.json").read_text())["autoencoder"].get(
+        "latent_noise", 0.0)
     return {
         "dataset": dataset, "epsilon": epsilon, "delta": args.delta, "preset": args.preset,
         "public_data": False,
@@ -128,6 +130,7 @@ def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = No
         "cnn_epochs": args.cnn_epochs or 10, "evaluate_command": shown(eval_cmd),
         "peak_rss_mb": max(rss1, rss2, rss3),
         "command": shown(fresh_cmd), "resumed": resumed, "sampling": sampling,
+        "latent_noise": latent_noise,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
         "date": dt.date.today().isoformat(),
     }
@@ -173,9 +176,9 @@ def fmt(v, pct: bool = False, digits: int = 1) -> str:
 
 
 def table(results: list[dict]) -> str:
-    head = ("| data set | ε (ledger) | preset (guidance, T, sharpness) | CNN % | MLP % "
-            "| LogReg % | FID (n) | classifiers trained on | train AE / diff. (s) | sample (s) "
-            "| peak RSS (MB) | date |\n"
+    head = ("| data set | ε (ledger) | preset (guidance, T, sharpness; latent noise) | CNN % "
+            "| MLP % | LogReg % | FID (n) | classifiers trained on | train AE / diff. (s) "
+            "| sample (s) | peak RSS (MB) | date |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for r in sorted(results, key=lambda r: (r["dataset"], -r["epsilon"], r["preset"])):
@@ -187,6 +190,8 @@ def table(results: list[dict]) -> str:
             (r.get("fid_at") or {}).items(), key=lambda kv: -int(kv[0]))
             if int(n) != r["fid_samples"])
         settings = ", ".join(f"{r['sampling'][k]:g}" for k in SAMPLING_SHOWN)
+        # records from before the option existed were trained without latent noise
+        settings += f"; {r.get('latent_noise', 0.0):g}"
         rows.append(
             f"| {r['dataset']} | {r['epsilon']:g} ({r['epsilon_ledger']:.2f}) | {r['preset']} "
             f"({settings}) "

@@ -111,8 +111,6 @@ def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = No
     ledger = json.loads((run_dir / "privacy.json").read_text())
     timings = json.loads((run_dir / "timings.json").read_text())
     sampling = sampling_of(run_dir)
-    latent_noise = json.loads((run_dir / "config.json").read_text())["autoencoder"].get(
-        "latent_noise", 0.0)
     return {
         "dataset": dataset, "epsilon": epsilon, "delta": args.delta, "preset": args.preset,
         "public_data": False,
@@ -130,7 +128,7 @@ def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = No
         "cnn_epochs": args.cnn_epochs or 10, "evaluate_command": shown(eval_cmd),
         "peak_rss_mb": max(rss1, rss2, rss3),
         "command": shown(fresh_cmd), "resumed": resumed, "sampling": sampling,
-        "latent_noise": latent_noise,
+        "latent_noise": latent_noise_of(run_dir),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
         "date": dt.date.today().isoformat(),
     }
@@ -144,6 +142,12 @@ def sampling_of(run_dir: Path) -> dict:
     """The sampling settings in a run's config.json."""
     saved = json.loads((run_dir / "config.json").read_text())["sampling"]
     return {k: saved.get(k, 1.0) for k in SAMPLING_SHOWN}
+
+
+def latent_noise_of(run_dir: Path) -> float:
+    """The stage-1 latent noise in a run's config.json (0 for runs from before the option)."""
+    return json.loads((run_dir / "config.json").read_text())["autoencoder"].get(
+        "latent_noise", 0.0)
 
 
 def remeasure_fid(args, rec: dict, log) -> dict:

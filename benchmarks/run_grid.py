@@ -110,7 +110,8 @@ def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = No
     ev = json.loads(eval_json.read_text())
     ledger = json.loads((run_dir / "privacy.json").read_text())
     timings = json.loads((run_dir / "timings.json").read_text())
-    sampling = sampling_of(run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    sampling = sampling_of(saved)
     return {
         "dataset": dataset, "epsilon": epsilon, "delta": args.delta, "preset": args.preset,
         "public_data": False,
@@ -128,7 +129,7 @@ def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = No
         "cnn_epochs": args.cnn_epochs or 10, "evaluate_command": shown(eval_cmd),
         "peak_rss_mb": max(rss1, rss2, rss3),
         "command": shown(fresh_cmd), "resumed": resumed, "sampling": sampling,
-        "latent_noise": latent_noise_of(run_dir),
+        "latent_noise": latent_noise_of(saved),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
         "date": dt.date.today().isoformat(),
     }
@@ -138,16 +139,15 @@ def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = No
 SAMPLING_SHOWN = ("guidance", "temperature", "sharpness")
 
 
-def sampling_of(run_dir: Path) -> dict:
-    """The sampling settings in a run's config.json."""
-    saved = json.loads((run_dir / "config.json").read_text())["sampling"]
-    return {k: saved.get(k, 1.0) for k in SAMPLING_SHOWN}
+def sampling_of(saved: dict) -> dict:
+    """The sampling settings of a run's saved configuration (its config.json)."""
+    return {k: saved["sampling"].get(k, 1.0) for k in SAMPLING_SHOWN}
 
 
-def latent_noise_of(run_dir: Path) -> float:
-    """The stage-1 latent noise in a run's config.json (0 for runs from before the option)."""
-    return json.loads((run_dir / "config.json").read_text())["autoencoder"].get(
-        "latent_noise", 0.0)
+def latent_noise_of(saved: dict) -> float:
+    """The stage-1 latent noise of a run's saved configuration (0 for runs from before the
+    option)."""
+    return saved["autoencoder"].get("latent_noise", 0.0)
 
 
 def remeasure_fid(args, rec: dict, log) -> dict:

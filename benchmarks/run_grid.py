@@ -81,9 +81,10 @@ def run_dir_of(args, dataset: str, epsilon: float, preset: str) -> Path:
 
 def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = None) -> dict:
     """Train (or resume), sample and evaluate one cell. The record's `command` is always the
-    command that trains the cell from scratch; a resumed finished run (re-evaluated) keeps
-    the peak memory of `previous`, its earlier record (which covered training), when that is
-    higher, since the resumed run only loads the models."""
+    command that trains the cell from scratch. A resumed finished run (re-evaluated) only
+    loads the models, so its training peak memory is the one the run recorded
+    (timings.json), or, for runs from before that, the peak of `previous`, its earlier record
+    (which covered training), when that is higher."""
     exe = [sys.executable, "-m", "dplatent"]
     run_dir = run_dir_of(args, dataset, epsilon, args.preset)
     data = ["--data-dir", args.data_dir] if args.data_dir else []
@@ -95,7 +96,10 @@ def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = No
     train_cmd = ([*exe, "train", "--resume", "--out", str(run_dir), "--no-progress", *data]
                  if resumed else fresh_cmd)
     train_wall, rss1 = run(train_cmd, log)
-    if resumed and previous:
+    timings = json.loads((run_dir / "timings.json").read_text())
+    if resumed and timings.get("peak_rss_mb") is not None:
+        rss1 = max(rss1, int(timings["peak_rss_mb"]))
+    elif resumed and previous:
         rss1 = max(rss1, int(previous.get("peak_rss_mb", 0)))
     synth = run_dir / "synthetic.npz"
     sample_cmd = [*exe, "sample", "--run", str(run_dir), "--num", str(args.num_samples),
@@ -109,7 +113,6 @@ def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = No
     eval_wall, rss3 = run(eval_cmd, log)
     ev = json.loads(eval_json.read_text())
     ledger = json.loads((run_dir / "privacy.json").read_text())
-    timings = json.loads((run_dir / "timings.json").read_text())
     saved = json.loads((run_dir / "config.json").read_text())
     sampling = sampling_of(saved)
     return {

@@ -221,3 +221,14 @@ def test_timings_add_up_over_sessions(tmp_path):
     _write_timings(tmp_path, {"autoencoder_s": 0.5, "diffusion_s": 20.25})
     saved = json.loads((tmp_path / "timings.json").read_text())
     assert saved == {"autoencoder_s": 30.5, "diffusion_s": 120.25, "sessions": 2}
+
+
+def test_timings_keep_the_largest_peak_memory_over_sessions(tmp_path):
+    from dplatent.train.stages import _write_timings, peak_rss_mb
+    _write_timings(tmp_path, {"autoencoder_s": 30.0}, 3500)
+    _write_timings(tmp_path, {"autoencoder_s": 0.5}, 900)       # a resumed finished run
+    assert json.loads((tmp_path / "timings.json").read_text())["peak_rss_mb"] == 3500
+    _write_timings(tmp_path, {"autoencoder_s": 0.5}, 4100)
+    assert json.loads((tmp_path / "timings.json").read_text())["peak_rss_mb"] == 4100
+    # this process has at least imported torch: tens of MB, not KiB or bytes
+    assert 20 < peak_rss_mb() < 64 * 1024

@@ -241,7 +241,7 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
     timings["diffusion_s"] = time.time() - t
     del latents, images
     if main:
-        _write_timings(run_dir, timings)
+        _write_timings(run_dir, timings, peak_rss_mb())
     return {"timings": timings, "ledger": ledger.to_dict(), "autoencoder": ae, "denoiser": den}
 
 
@@ -256,12 +256,26 @@ def _check_resume_device(run_dir: Path, device: torch.device) -> None:
                           f"device (--device {torch.device(saved).type}), not on {device}")
 
 
-def _write_timings(run_dir: Path, timings: dict) -> None:
+def peak_rss_mb() -> int | None:
+    """This process's peak resident memory so far, in MB (None where the platform does not
+    report it). Linux reports ru_maxrss in KiB."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
+def _write_timings(run_dir: Path, timings: dict, peak_mb: int | None = None) -> None:
     """Add this session's seconds per stage to those of earlier finished sessions, so that
     resuming a finished run (to sample or evaluate it again) adds only the seconds it took to
     load instead of replacing the training time. A session killed mid-run writes nothing, so
-    after a crash the timings undercount by that session's time."""
+    after a crash the timings undercount by that session's time. `peak_rss_mb` is the largest
+    peak memory of the main process over the finished sessions, so a resumed run that only
+    loads the models keeps the peak of the session that trained them."""
     path = run_dir / "timings.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     total = {k: round(old.get(k, 0.0) + v, 2) for k, v in timings.items()}
-    write_json(path, {**old, **total, "sessions": int(old.get("sessions", 0)) + 1})
+    peaks = [p for p in (old.get("peak_rss_mb"), peak_mb) if p is not None]
+    write_json(path, {**old, **total, "sessions": int(old.get("sessions", 0)) + 1,
+                      **({"peak_rss_mb": max(peaks)} if peaks else {})})

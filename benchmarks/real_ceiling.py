@@ -19,7 +19,6 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import records
 from dplatent import data
 from dplatent.eval.evaluate import evaluate
+from dplatent.runtime import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "ceiling.json"
@@ -37,8 +37,9 @@ def pct(v) -> str:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| data set | CNN % (epochs × seeds) | MLP % | LogReg % | FID train vs test (n per side) "
-            "| wall (s) | peak RSS (MB) | date |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| data set | CNN % (epochs × seeds) | MLP % | LogReg % "
+            "| FID train vs test (n per side) | wall (s) | peak RSS (MB) | date |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in results:
         cnn = "—" if r.get("cnn_acc") is None else (
             f"{pct(r['cnn_acc'])} ± {pct(r['cnn_acc_std'])} ({r['cnn_epochs']} × {r['seeds']})")
@@ -80,7 +81,7 @@ def run_one(args, dataset: str) -> dict:
         "mlp_acc": res.get("mlp_acc"), "logreg_acc": res.get("logreg_acc"),
         "fid": res.get("fid"), "fid_samples": res.get("fid_samples"),
         "wall_s": time.time() - t,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "command": "python benchmarks/real_ceiling.py " + " ".join(args.shown),
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
         "date": dt.date.today().isoformat(),

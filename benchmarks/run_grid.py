@@ -97,10 +97,9 @@ def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = No
                  if resumed else fresh_cmd)
     train_wall, rss1 = run(train_cmd, log)
     timings = json.loads((run_dir / "timings.json").read_text())
-    if resumed and timings.get("peak_rss_mb") is not None:
-        rss1 = max(rss1, int(timings["peak_rss_mb"]))
-    elif resumed and previous:
-        rss1 = max(rss1, int(previous.get("peak_rss_mb", 0)))
+    if resumed:
+        earlier = timings.get("peak_rss_mb") or (previous or {}).get("peak_rss_mb", 0)
+        rss1 = max(rss1, int(earlier))
     synth = run_dir / "synthetic.npz"
     sample_cmd = [*exe, "sample", "--run", str(run_dir), "--num", str(args.num_samples),
                   "--out", str(synth), "--no-progress"]

@@ -224,7 +224,8 @@ def test_timings_add_up_over_sessions(tmp_path):
 
 
 def test_timings_keep_the_largest_peak_memory_over_sessions(tmp_path):
-    from dplatent.train.stages import _write_timings, peak_rss_mb
+    from dplatent.runtime import peak_rss_mb
+    from dplatent.train.stages import _write_timings
     _write_timings(tmp_path, {"autoencoder_s": 30.0}, 3500)
     _write_timings(tmp_path, {"autoencoder_s": 0.5}, 900)       # a resumed finished run
     assert json.loads((tmp_path / "timings.json").read_text())["peak_rss_mb"] == 3500

@@ -41,3 +41,13 @@ def set_threads(threads: int) -> int:
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
+
+
+def peak_rss_mb() -> int | None:
+    """This process's peak resident memory so far, in MB (None where the platform does not
+    report it). Linux reports ru_maxrss in KiB."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024

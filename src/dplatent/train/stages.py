@@ -241,7 +241,7 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
     timings["diffusion_s"] = time.time() - t
     del latents, images
     if main:
-        _write_timings(run_dir, timings, peak_rss_mb())
+        _write_timings(run_dir, timings, runtime.peak_rss_mb())
     return {"timings": timings, "ledger": ledger.to_dict(), "autoencoder": ae, "denoiser": den}
 
 
@@ -254,16 +254,6 @@ def _check_resume_device(run_dir: Path, device: torch.device) -> None:
     if torch.device(saved).type != device.type:
         raise ConfigError(f"{run_dir} was trained on {saved}; resume it on the same kind of "
                           f"device (--device {torch.device(saved).type}), not on {device}")
-
-
-def peak_rss_mb() -> int | None:
-    """This process's peak resident memory so far, in MB (None where the platform does not
-    report it). Linux reports ru_maxrss in KiB."""
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
 def _write_timings(run_dir: Path, timings: dict, peak_mb: int | None = None) -> None:

@@ -315,6 +315,49 @@ def test_sharpness_sharpens_the_same_latents_and_is_recorded(tiny_run, tmp_path,
     assert np.abs(three).mean() > np.abs(one).mean() + 5
 
 
+def test_decode_noise_moves_each_latent_by_its_own_draw_before_decoding(tiny_run):
+    from dplatent.diffusion.sampler import initial_noise
+    from dplatent.sample import DECODE_NOISE_STREAM, TrainedRun, generate, settings_for
+    run = TrainedRun(tiny_run)
+    decoded = []
+    original = run.autoencoder.decode
+    run.autoencoder.decode = lambda z, k=1.0: (decoded.append(z.flatten(1)), original(z, k))[1]
+    generate(run, 7, seed=3, settings=settings_for(run, decode_noise=0.0), progress=False)
+    generate(run, 7, seed=3, settings=settings_for(run, decode_noise=0.5), progress=False)
+    small = dataclasses.replace(settings_for(run, decode_noise=0.5), batch_size=2)
+    generate(run, 7, seed=3, settings=small, progress=False)
+    plain, noisy, batched = decoded[0], decoded[1], torch.cat(decoded[2:])
+    draws = initial_noise(3, np.arange(7), plain.shape[1], stream=DECODE_NOISE_STREAM)
+    torch.testing.assert_close(noisy - plain, 0.5 * draws)
+    torch.testing.assert_close(batched, noisy)       # sample i's draw whatever its batch
+
+
+@pytest.mark.parametrize("value", ["-0.1", "3.5", "nan"])
+def test_sample_refuses_decode_noise_outside_its_range(value, tiny_run, tmp_path, monkeypatch,
+                                                       capsys):
+    out = tmp_path / "s.npz"
+    code, _, err = run_main(["sample", "--run", str(tiny_run), "--num", "10", "--out", str(out),
+                             "--decode-noise", value, "--no-progress"], monkeypatch, capsys)
+    assert_one_line_error(code, err, f"decode_noise must be in [0, 3], got {float(value)}")
+    assert not out.exists()
+
+
+def test_decode_noise_is_recorded_and_changes_the_images(tiny_run, tmp_path, monkeypatch,
+                                                         capsys):
+    from dplatent.export import npz_info
+    images = {}
+    for s in ("0", "1"):
+        out = tmp_path / f"s{s}.npz"
+        code, _, err = run_main(["sample", "--run", str(tiny_run), "--num", "10", "--out",
+                                 str(out), "--decode-noise", s, "--no-progress"], monkeypatch,
+                                capsys)
+        assert code == 0, err
+        assert npz_info(out)["decode_noise"] == float(s)
+        with np.load(out) as f:
+            images[s] = f["x"]
+    assert not np.array_equal(images["0"], images["1"])
+
+
 def test_settings_for_puts_only_the_given_settings_in_the_runs_place(tiny_run):
     from dplatent.sample import TrainedRun, settings_for
     run = TrainedRun(tiny_run)

@@ -133,6 +133,19 @@ def test_initial_noise_is_per_index():
     assert len({tuple(r.tolist()) for r in all7}) == 7
 
 
+def test_another_noise_stream_is_independent_and_stream_0_keeps_its_draws():
+    # stream 0 is the starting noise as it always was: row i from the seed (seed, i)
+    key = int(np.random.SeedSequence([4, 3]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    expected = torch.randn(DIM, generator=torch.Generator().manual_seed(key))
+    assert torch.equal(initial_noise(4, np.array([3]), DIM)[0], expected)
+    zero = initial_noise(4, np.arange(400), DIM)
+    one = initial_noise(4, np.arange(400), DIM, stream=1)
+    assert torch.equal(initial_noise(4, np.array([3]), DIM, stream=1)[0], one[3])  # per index
+    corr = float((zero * one).mean() / (zero.std() * one.std()))
+    assert abs(corr) < 0.05                      # 400 * DIM pairs: |corr| ~ 1 / sqrt(n)
+    assert float(one.std()) == pytest.approx(1.0, abs=0.05)
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "dpm"])
 def test_sample_i_is_the_same_in_a_batch_of_one_or_seven(sampler):
     den = denoiser()

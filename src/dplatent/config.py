@@ -21,6 +21,7 @@ GAUSSIAN_COVARIANCES = ("psd", "denoised")
 GAUSSIAN_RELEASES = ("equal", "weighted")
 MAX_PARTITION = 6                     # diffusion.gaussian_partition: at most 64 cells
 MAX_TEMPERATURE = 3.0                 # sampling.temperature
+MAX_DECODE_NOISE = 3.0                # sampling.decode_noise (the latent has unit variance)
 UPSAMPLING = ("nearest", "shuffle")   # autoencoder.upsample
 PREDICTIONS = ("v", "epsilon")        # diffusion.prediction
 
@@ -180,9 +181,16 @@ class SamplingConfig:
     # deterministic sampler is linear in it, so it scales each sample's spread about its
     # class (cell) mean; 1 = the model's own spread (diffusion/sampler.py)
     temperature: float = 1.0
+    # each sampled latent gets N(0, decode_noise^2) per coordinate before it is decoded: for a
+    # decoder trained on noisy latents (autoencoder.latent_noise), a draw from the
+    # neighbourhood it learned to decode; 0 = decode the sampled latent itself
+    decode_noise: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.sampler in ("ddim", "dpm"), f"sampling.sampler: unknown {self.sampler!r}")
+        _check(0 <= self.decode_noise <= MAX_DECODE_NOISE,
+               f"sampling.decode_noise must be in [0, {MAX_DECODE_NOISE:g}], "
+               f"got {self.decode_noise}")
         _check(0 < self.sharpness <= 10,
                f"sampling.sharpness must be in (0, 10], got {self.sharpness}")
         _check(0 < self.temperature <= MAX_TEMPERATURE,

@@ -20,7 +20,7 @@ from PIL import Image  # noqa: E402
 
 from dplatent import device as device_mod  # noqa: E402
 from dplatent.config import RunConfig, SamplingConfig, from_dict  # noqa: E402
-from dplatent.diffusion.sampler import sample_latents  # noqa: E402
+from dplatent.diffusion.sampler import initial_noise, sample_latents  # noqa: E402
 from dplatent.errors import ConfigError, DplatentError  # noqa: E402
 from dplatent.io import atomic_folder, atomic_write, sha256_file  # noqa: E402
 from dplatent.models.autoencoder import Autoencoder  # noqa: E402
@@ -98,17 +98,20 @@ def balanced_labels(num: int, num_classes: int) -> np.ndarray:
     return np.arange(num) % num_classes
 
 
+DECODE_NOISE_STREAM = 1
+
 # the sampling settings an npz's info records (with the seed)
-SETTINGS_RECORDED = ("guidance", "steps", "sampler", "sharpness", "temperature")
+SETTINGS_RECORDED = ("guidance", "steps", "sampler", "sharpness", "temperature", "decode_noise")
 
 
 def settings_for(run: TrainedRun, *, guidance: float | None = None, steps: int | None = None,
                  sampler: str | None = None, sharpness: float | None = None,
-                 temperature: float | None = None) -> SamplingConfig:
+                 temperature: float | None = None,
+                 decode_noise: float | None = None) -> SamplingConfig:
     """The run's sampling settings, each one given here (not None) put in its place; the
     result validates itself (ConfigError naming the setting and the value given)."""
     given = dict(guidance=guidance, steps=steps, sampler=sampler, sharpness=sharpness,
-                 temperature=temperature)
+                 temperature=temperature, decode_noise=decode_noise)
     return dataclasses.replace(run.cfg.sampling,
                                **{k: v for k, v in given.items() if v is not None})
 
@@ -129,6 +132,9 @@ def generate(run: TrainedRun, num: int, *, seed: int = 0, settings: SamplingConf
                        train_timesteps=d.train_timesteps, beta_schedule=d.beta_schedule,
                        sampler=s.sampler, prediction=d.prediction, batch_size=s.batch_size,
                        temperature=s.temperature, progress=progress)
+    if s.decode_noise > 0:  # per sample (seed, i) like the starting noise, another stream
+        z = z + s.decode_noise * initial_noise(seed, np.arange(len(z)), z.shape[1],
+                                               stream=DECODE_NOISE_STREAM).to(z.device)
     images = []
     for i in range(0, len(z), s.batch_size):
         images.append(run.autoencoder.decode(z[i:i + s.batch_size].view(-1, *shape),

@@ -20,10 +20,13 @@ from tqdm import tqdm
 from dplatent.diffusion.schedule import sampler_scheduler
 
 
-def initial_noise(seed: int, indices: np.ndarray, dim: int) -> torch.Tensor:
+def initial_noise(seed: int, indices: np.ndarray, dim: int, stream: int = 0) -> torch.Tensor:
+    """Standard normal rows, row k from its own generator seeded by (seed, indices[k]); another
+    `stream` gives independent draws for the same samples (stream 0: the starting noise)."""
     rows = []
     for i in indices:
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(i)])
+        key = [seed, int(i)] + ([stream] if stream else [])
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence(key)
                                               .generate_state(1, dtype=np.uint64)[0] >> 1))
         rows.append(torch.randn(dim, generator=g))
     return torch.stack(rows)

@@ -137,13 +137,22 @@ def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = No
     }
 
 
-# the sampling settings a record shows
-SAMPLING_SHOWN = ("guidance", "temperature", "sharpness")
+# the sampling settings a record shows, with their values for configurations from before them
+SAMPLING_SHOWN = {"guidance": 1.0, "temperature": 1.0, "sharpness": 1.0, "decode_noise": 0.0}
 
 
 def sampling_of(saved: dict) -> dict:
     """The sampling settings of a run's saved configuration (its config.json)."""
-    return {k: saved["sampling"].get(k, 1.0) for k in SAMPLING_SHOWN}
+    return {k: saved["sampling"].get(k, default) for k, default in SAMPLING_SHOWN.items()}
+
+
+def settings_shown(r: dict) -> str:
+    """'guidance, T, sharpness; latent noise', and the decode noise where there is one."""
+    shown_ = ", ".join(f"{r['sampling'][k]:g}" for k in ("guidance", "temperature", "sharpness"))
+    # records from before the options existed were made without either noise
+    shown_ += f"; {r.get('latent_noise', 0.0):g}"
+    decode = r["sampling"].get("decode_noise", 0.0)
+    return shown_ + (f"; decode noise {decode:g}" if decode else "")
 
 
 def latent_noise_of(saved: dict) -> float:
@@ -195,9 +204,7 @@ def table(results: list[dict]) -> str:
         fid += "".join(f"; {v:.1f} ({n})" for n, v in sorted(
             (r.get("fid_at") or {}).items(), key=lambda kv: -int(kv[0]))
             if int(n) != r["fid_samples"])
-        settings = ", ".join(f"{r['sampling'][k]:g}" for k in SAMPLING_SHOWN)
-        # records from before the option existed were trained without latent noise
-        settings += f"; {r.get('latent_noise', 0.0):g}"
+        settings = settings_shown(r)
         rows.append(
             f"| {r['dataset']} | {r['epsilon']:g} ({r['epsilon_ledger']:.2f}) | {r['preset']} "
             f"({settings}) "

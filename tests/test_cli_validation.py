@@ -283,33 +283,31 @@ def test_sample_refuses_a_setting_outside_its_range(option, value, bounds, tiny_
     assert not out.exists()
 
 
-def test_temperature_is_recorded_and_zero_spread_is_refused_in_the_config(tiny_run, tmp_path,
-                                                                          monkeypatch, capsys):
+def sample_recorded(tiny_run, tmp_path, option: str, value: str, monkeypatch,
+                    capsys) -> np.ndarray:
+    """The images of `sample --OPTION VALUE` (10 samples); asserts the npz records the value."""
     from dplatent.export import npz_info
-    out = tmp_path / "s.npz"
+    out = tmp_path / f"{option}-{value}.npz"
     code, _, err = run_main(["sample", "--run", str(tiny_run), "--num", "10", "--out",
-                             str(out), "--temperature", "1.2", "--no-progress"], monkeypatch,
+                             str(out), f"--{option}", value, "--no-progress"], monkeypatch,
                             capsys)
     assert code == 0, err
-    assert npz_info(out)["temperature"] == 1.2
+    assert npz_info(out)[option.replace("-", "_")] == float(value)
+    with np.load(out) as f:
+        return f["x"]
+
+
+def test_temperature_is_recorded_and_zero_spread_is_refused_in_the_config(tiny_run, tmp_path,
+                                                                          monkeypatch, capsys):
+    sample_recorded(tiny_run, tmp_path, "temperature", "1.2", monkeypatch, capsys)
     with pytest.raises(ConfigError, match=r"sampling.temperature must be in \(0, 3\]"):
         config.SamplingConfig(temperature=0.0)
 
 
 def test_sharpness_sharpens_the_same_latents_and_is_recorded(tiny_run, tmp_path, monkeypatch,
                                                              capsys):
-    from dplatent.export import npz_info
-    images = {}
-    for k in ("1", "3"):
-        out = tmp_path / f"s{k}.npz"
-        code, _, err = run_main(["sample", "--run", str(tiny_run), "--num", "10", "--out",
-                                 str(out), "--sharpness", k, "--no-progress"], monkeypatch,
-                                capsys)
-        assert code == 0, err
-        assert npz_info(out)["sharpness"] == float(k)
-        with np.load(out) as f:
-            images[k] = f["x"].astype(np.int64) - 128  # distance from grey, signed
-    one, three = images["1"], images["3"]
+    one, three = (sample_recorded(tiny_run, tmp_path, "sharpness", k, monkeypatch, capsys)
+                  .astype(np.int64) - 128 for k in ("1", "3"))  # distance from grey, signed
     assert np.all(np.sign(three) * np.sign(one) >= 0)   # no pixel crosses grey
     assert np.all(np.abs(three) >= np.abs(one) - 1)     # none comes nearer to it (rounding)
     assert np.abs(three).mean() > np.abs(one).mean() + 5
@@ -344,18 +342,9 @@ def test_sample_refuses_decode_noise_outside_its_range(value, tiny_run, tmp_path
 
 def test_decode_noise_is_recorded_and_changes_the_images(tiny_run, tmp_path, monkeypatch,
                                                          capsys):
-    from dplatent.export import npz_info
-    images = {}
-    for s in ("0", "1"):
-        out = tmp_path / f"s{s}.npz"
-        code, _, err = run_main(["sample", "--run", str(tiny_run), "--num", "10", "--out",
-                                 str(out), "--decode-noise", s, "--no-progress"], monkeypatch,
-                                capsys)
-        assert code == 0, err
-        assert npz_info(out)["decode_noise"] == float(s)
-        with np.load(out) as f:
-            images[s] = f["x"]
-    assert not np.array_equal(images["0"], images["1"])
+    without, with_ = (sample_recorded(tiny_run, tmp_path, "decode-noise", v, monkeypatch, capsys)
+                      for v in ("0", "1"))
+    assert not np.array_equal(without, with_)
 
 
 def test_settings_for_puts_only_the_given_settings_in_the_runs_place(tiny_run):

@@ -19,7 +19,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -69,7 +68,7 @@ def run_variant(dataset: str, data_dir: str | None, nproc: int, threads: int, lo
         "examples_per_s": round(sum(examples.values()) / stage_s),
         "epsilon": json.loads((out / "privacy.json").read_text())["epsilon"],
         "load_before": round(load, 2),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+        "machine": records.machine(),
         "torch": cfg["derived"]["torch"], "date": dt.date.today().isoformat(),
     }
 

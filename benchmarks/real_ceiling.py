@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -83,7 +81,7 @@ def run_one(args, dataset: str) -> dict:
         "wall_s": time.time() - t,
         "peak_rss_mb": peak_rss_mb(),
         "command": "python benchmarks/real_ceiling.py " + " ".join(args.shown),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
+        "machine": records.machine(),
         "date": dt.date.today().isoformat(),
     }
 

@@ -8,12 +8,19 @@ rename, so an interrupted script leaves the old file or the new one.
 from __future__ import annotations
 
 import json
+import os
+import platform
 from pathlib import Path
 
 from dplatent.io import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_MD = ROOT / "BENCHMARKS.md"
+
+
+def machine() -> str:
+    """The machine a record was measured on, as the records state it ("x86_64 2 cores, Linux")."""
+    return f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}"
 
 
 def _write_atomic(path: Path, text: str) -> None:

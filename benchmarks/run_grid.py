@@ -20,7 +20,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -132,7 +131,7 @@ def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = No
         "peak_rss_mb": max(rss1, rss2, rss3),
         "command": shown(fresh_cmd), "resumed": resumed, "sampling": sampling,
         "latent_noise": latent_noise_of(saved),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
+        "machine": records.machine(),
         "date": dt.date.today().isoformat(),
     }
 

@@ -135,3 +135,18 @@ def test_single_seed_has_zero_std():
     result = classifier.downstream_accuracy("logreg", train, test,
                                             ClassifierConfig(epochs=1, seeds=1, threads=1))
     assert result.std == 0.0 and result.per_seed == [result.accuracy]
+
+
+def test_first_seed_adds_the_same_seeds_a_longer_run_has():
+    """Seeds 2..3 run on their own equal seeds 2..3 of a run over 0..3 (records can grow)."""
+    train, test = separable(120, 0, "synthetic"), separable(60, 1, "real test")
+    train = LabelledImages(train.x, np.random.default_rng(5).integers(0, CLASSES, 120),
+                           CLASSES, "random labels")  # per-seed accuracies differ
+    base = dict(epochs=2, batch_size=16, threads=1)
+    full = classifier.downstream_accuracy("mlp", train, test, ClassifierConfig(seeds=4, **base))
+    tail = classifier.downstream_accuracy("mlp", train, test,
+                                          ClassifierConfig(seeds=2, first_seed=2, **base))
+    assert len(set(full.per_seed)) > 1
+    assert tail.per_seed == full.per_seed[2:] and tail.best_epoch == full.best_epoch[2:]
+    with pytest.raises(ConfigError, match="first classifier seed"):
+        ClassifierConfig(first_seed=-1)

@@ -293,6 +293,8 @@ def evaluate(
             help="Inception weights (default $DPLATENT_FID_WEIGHTS or the cache)")] = None,
         fid_batch_size: Annotated[int, typer.Option(help="Inception batch size")] = 50,
         seeds: Annotated[int, typer.Option(help="classifier seeds")] = 3,
+        first_seed: Annotated[int, typer.Option(
+            help="first classifier seed (seeds run from it on)")] = 0,
         cnn_epochs: Annotated[Optional[int], typer.Option(help="CNN epochs")] = None,
         threads: Annotated[Optional[int], typer.Option(help="CPU threads")] = None,
         device: DeviceOpt = None,
@@ -305,8 +307,8 @@ def evaluate(
                      data_dir=Path(data_dir) if data_dir else None, metrics=metrics,
                      fid_samples=fid_samples, fid_reference=fid_reference,
                      fid_weights=fid_weights, fid_batch_size=fid_batch_size, seeds=seeds,
-                     cnn_epochs=cnn_epochs, threads=threads, out=out, progress=progress,
-                     device=device or "auto")
+                     first_seed=first_seed, cnn_epochs=cnn_epochs, threads=threads, out=out,
+                     progress=progress, device=device or "auto")
 
 
 @app.command()

@@ -36,11 +36,14 @@ class ClassifierConfig:
     lr: float = 1e-3
     val_fraction: float = 0.1
     seeds: int = 3
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1: add seeds to a record
     threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.seeds < 1:
             raise ConfigError(f"classifier epochs, batch size and seeds must be positive: {self}")
+        if self.first_seed < 0:
+            raise ConfigError(f"the first classifier seed must be >= 0, got {self.first_seed}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"validation fraction must lie in (0, 1), got {self.val_fraction}")
         if self.lr <= 0:
@@ -178,7 +181,7 @@ def downstream_accuracy(kind: str, train: LabelledImages, test: LabelledImages,
     x_test, y_test = (t.to(device) for t in to_tensors(test))
     test_accs, val_accs, epochs = [], [], []
     with torch_threads(config.threads):
-        for seed in range(config.seeds):
+        for seed in range(config.first_seed, config.first_seed + config.seeds):
             torch.manual_seed(seed)
             tr, va = split_indices(len(y), config.val_fraction, np.random.default_rng(seed))
             model = make_model(kind, train.channels, train.image_size, train.num_classes)

@@ -46,7 +46,7 @@ def evaluate_command(synthetic: Path | None = None, run: Path | None = None,
                      metrics: str = "fid,cnn,mlp,logreg", fid_samples: int = 10_000,
                      fid_reference: str = "train", fid_weights: Path | None = None,
                      fid_batch_size: int = 50, fid_cache_dir: Path | None = None,
-                     seeds: int = 3, cnn_epochs: int | None = None,
+                     seeds: int = 3, first_seed: int = 0, cnn_epochs: int | None = None,
                      threads: int | None = None, out: Path | None = None,
                      progress: bool = True, device: str = "auto") -> dict:
     """Evaluate a synthetic npz (or RUN/synthetic.npz), write JSON to `out`, print a summary.
@@ -61,7 +61,8 @@ def evaluate_command(synthetic: Path | None = None, run: Path | None = None,
     result = ev.evaluate(synth, dataset, data_dir, metrics=metric_list, fid_samples=fid_samples,
                          fid_reference=fid_reference, fid_weights=fid_weights,
                          fid_batch_size=fid_batch_size, fid_cache_dir=fid_cache_dir,
-                         seeds=seeds, epochs={"cnn": cnn_epochs} if cnn_epochs else None,
+                         seeds=seeds, first_seed=first_seed,
+                         epochs={"cnn": cnn_epochs} if cnn_epochs else None,
                          threads=threads, device=device, progress=progress)
     result["synthetic_sha256"] = synthetic_sha256
     ev.write_eval_json(result, out)

@@ -53,6 +53,7 @@ def evaluate(synthetic: LabelledImages, dataset: str, data_dir: str | Path | Non
              fid_cache_dir: str | Path | None = None,
              fid_model: torch.nn.Module | None = None,
              seeds: int = 3,
+             first_seed: int = 0,
              epochs: dict[str, int] | None = None,
              batch_size: int = 256,
              val_fraction: float = 0.1,
@@ -65,14 +66,14 @@ def evaluate(synthetic: LabelledImages, dataset: str, data_dir: str | Path | Non
     reference statistics are cached in `fid_cache_dir` (default ~/.cache/dplatent/fid-stats).
     `fid_model` replaces the Inception network (tests); otherwise the verified weights at
     `fid_weights` / $DPLATENT_FID_WEIGHTS / the cache default are loaded, never downloaded.
-    Classifiers use `seeds` seeds and `epochs[kind]` epochs (defaults in
+    Classifiers use `seeds` seeds from `first_seed` on and `epochs[kind]` epochs (defaults in
     classifier.DEFAULT_EPOCHS); the real test set is used only for the final accuracies.
     Classifiers and the FID network run on `device` (auto: a CUDA GPU when present).
     """
     start = time.perf_counter()
     metrics = parse_metrics(metrics)
     configs = classifier_configs([m for m in metrics if m in classifier.KINDS], epochs or {},
-                                 seeds, batch_size, val_fraction, threads)
+                                 seeds, batch_size, val_fraction, threads, first_seed)
     if fid_reference not in ("train", "test"):
         raise ConfigError(f"FID reference must be 'train' or 'test', got {fid_reference!r}")
     dev = device if isinstance(device, torch.device) else device_mod.resolve(device)
@@ -95,13 +96,15 @@ def evaluate(synthetic: LabelledImages, dataset: str, data_dir: str | Path | Non
         result.update({f"{kind}_acc": res.accuracy, f"{kind}_acc_std": res.std,
                        f"{kind}_acc_per_seed": res.per_seed, f"{kind}_val_acc": res.val_accuracy,
                        f"{kind}_best_epoch": res.best_epoch, f"{kind}_epochs": res.epochs,
-                       f"{kind}_seconds": res.seconds, "classifier_seeds": seeds})
+                       f"{kind}_seconds": res.seconds, "classifier_seeds": seeds,
+                       "classifier_first_seed": first_seed})
     result["wall_seconds"] = time.perf_counter() - start
     return result
 
 
 def classifier_configs(kinds: list[str], epochs: dict[str, int], seeds: int, batch_size: int,
-                       val_fraction: float, threads: int | None) -> dict[str, ClassifierConfig]:
+                       val_fraction: float, threads: int | None,
+                       first_seed: int = 0) -> dict[str, ClassifierConfig]:
     """Validated configuration per requested classifier (before any expensive work)."""
     unknown = sorted(set(epochs) - set(classifier.KINDS))
     if unknown:
@@ -109,7 +112,8 @@ def classifier_configs(kinds: list[str], epochs: dict[str, int], seeds: int, bat
                           f"choose from {classifier.KINDS}")
     epochs = {**classifier.DEFAULT_EPOCHS, **epochs}
     return {kind: ClassifierConfig(epochs=epochs[kind], batch_size=batch_size,
-                                   val_fraction=val_fraction, seeds=seeds, threads=threads)
+                                   val_fraction=val_fraction, seeds=seeds,
+                                   first_seed=first_seed, threads=threads)
             for kind in kinds}
 
 

@@ -66,7 +66,8 @@ def test_fid_against_test_split_on_request(real, tmp_path):
 
 
 def test_write_eval_json_replaces_nan_by_null(tmp_path):
-    path = ev.write_eval_json({"fid": float("nan"), "acc": [0.5, float("inf")]}, tmp_path / "e.json")
+    path = ev.write_eval_json({"fid": float("nan"), "acc": [0.5, float("inf")]},
+                              tmp_path / "e.json")
     assert json.loads(path.read_text()) == {"fid": None, "acc": [0.5, None]}
 
 

@@ -31,7 +31,8 @@ def test_npz_that_is_not_a_zip_archive_says_so(kind, tmp_path, monkeypatch, caps
     assert "pickle" not in str(info.value)
     code, _, err = run_main(["train", "--preset", "smoke", "--dataset", str(path), "--out",
                              str(tmp_path / "run")], monkeypatch, capsys)
-    assert one_line_error(code, err) == f"error: {path}: not a readable npz file (not a zip archive)"
+    expected = f"error: {path}: not a readable npz file (not a zip archive)"
+    assert one_line_error(code, err) == expected
     assert not (tmp_path / "run").exists()
 
 

@@ -115,7 +115,10 @@ def test_class_mosaic_puts_each_class_on_its_own_row():
     x = np.stack([np.full((8, 8), 10 * (i + 1), np.uint8) for i in range(5)])
     mosaic = class_mosaic(LabelledImages(x, y, 3, "s"), per_class=2, pad=2)
     assert mosaic.shape == (3 * 10 + 2, 2 * 10 + 2)
-    cell = lambda row, col: mosaic[2 + row * 10:10 + row * 10, 2 + col * 10:10 + col * 10]
+
+    def cell(row, col):
+        return mosaic[2 + row * 10:10 + row * 10, 2 + col * 10:10 + col * 10]
+
     assert (cell(0, 0) == 20).all() and (cell(0, 1) == 255).all()  # class 0: image 1 only
     assert (cell(1, 0) == 40).all()  # class 1: image 3
     assert (cell(2, 0) == 10).all() and (cell(2, 1) == 30).all()  # class 2: first two of three

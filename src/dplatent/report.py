@@ -195,8 +195,8 @@ def pct(acc, std=None) -> str:
 def metrics_rows(ev: dict) -> list[tuple[str, ...]]:
     rows = [("metric", "value", "details")]
     if "fid" in ev:
-        detail = (f"{ev.get('fid_samples', '?')} synthetic vs {ev.get('fid_reference_samples', '?')}"
-                  f" real ({ev.get('fid_reference', '?')})")
+        detail = (f"{ev.get('fid_samples', '?')} synthetic vs "
+                  f"{ev.get('fid_reference_samples', '?')} real ({ev.get('fid_reference', '?')})")
         rows.append(("FID", fmt(ev["fid"], 5), detail))
     for kind, label in (("cnn", "CNN"), ("mlp", "MLP"), ("logreg", "logistic regression")):
         if f"{kind}_acc" in ev:

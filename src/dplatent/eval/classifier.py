@@ -1,4 +1,4 @@
-"""Downstream classifiers: train on synthetic data, test on real data (DPDM / DPImageBench protocol).
+"""Downstream classifiers: train on synthetic, test on real data (DPDM / DPImageBench protocol).
 
 For each seed: the synthetic set is split into train and a held-out *synthetic* validation
 part; the model is trained for a fixed number of epochs and the epoch with the best
@@ -115,7 +115,8 @@ def split_indices(n: int, val_fraction: float, rng: np.random.Generator) -> tupl
                                                                                    np.ndarray]:
     """Disjoint random (train, validation) indices of range(n); both non-empty."""
     if n < 2:
-        raise DataError(f"need at least 2 synthetic records to hold out a validation split, got {n}")
+        raise DataError(f"need at least 2 synthetic records to hold out a validation split, "
+                        f"got {n}")
     perm = rng.permutation(n)
     n_val = min(max(1, round(n * val_fraction)), n - 1)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])

@@ -245,7 +245,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     a small imaginary part from numerical error is dropped, a large one is an error.
     """
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
-    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    sigma1 = np.atleast_2d(sigma1).astype(np.float64)
+    sigma2 = np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise DataError(f"FID statistics differ in shape: {mu1.shape}/{sigma1.shape} vs "
                         f"{mu2.shape}/{sigma2.shape}")
@@ -377,7 +378,8 @@ def compute_fid(synthetic: np.ndarray, reference: np.ndarray, reference_label: s
         embed_seconds = time.perf_counter() - t0
     fid = fid_from_stats(syn_stats, ref_stats)
     return FidResult(fid=fid, samples=len(syn), reference_samples=len(ref),
-                     reference=reference_label, warning=small_sample_warning(min(len(syn), len(ref))),
+                     reference=reference_label,
+                     warning=small_sample_warning(min(len(syn), len(ref))),
                      seconds=time.perf_counter() - start,
                      images_per_second=len(syn) / max(embed_seconds, 1e-9),
                      reference_cached=cached)

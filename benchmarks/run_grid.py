@@ -131,6 +131,7 @@ def run_cell(args, dataset: str, epsilon: float, log, previous: dict | None = No
         "peak_rss_mb": max(rss1, rss2, rss3),
         "command": shown(fresh_cmd), "resumed": resumed, "sampling": sampling,
         "latent_noise": latent_noise_of(saved),
+        "autoencoder_share": saved["privacy"]["autoencoder_share"],
         "machine": records.machine(),
         "date": dt.date.today().isoformat(),
     }
@@ -145,13 +146,20 @@ def sampling_of(saved: dict) -> dict:
     return {k: saved["sampling"].get(k, default) for k, default in SAMPLING_SHOWN.items()}
 
 
+# the autoencoder's share of epsilon in every preset before records carried it
+AUTOENCODER_SHARE_BEFORE = 0.25
+
+
 def settings_shown(r: dict) -> str:
-    """'guidance, T, sharpness; latent noise', and the decode noise where there is one."""
+    """'guidance, T, sharpness; latent noise', then the decode noise where there is one and
+    the autoencoder's share of epsilon where it is not the earlier 0.25."""
     shown_ = ", ".join(f"{r['sampling'][k]:g}" for k in ("guidance", "temperature", "sharpness"))
     # records from before the options existed were made without either noise
     shown_ += f"; {r.get('latent_noise', 0.0):g}"
     decode = r["sampling"].get("decode_noise", 0.0)
-    return shown_ + (f"; decode noise {decode:g}" if decode else "")
+    shown_ += f"; decode noise {decode:g}" if decode else ""
+    share = r.get("autoencoder_share", AUTOENCODER_SHARE_BEFORE)
+    return shown_ + (f"; ε share of AE {share:g}" if share != AUTOENCODER_SHARE_BEFORE else "")
 
 
 def latent_noise_of(saved: dict) -> float:

@@ -1,6 +1,7 @@
 # dplatent: two commands do all set-up on a fresh machine.
 #   make demo   - venv, install, train the `quick` preset on MNIST at epsilon=10, sample, grid
 #   make test   - venv, install, run the test suite
+#   make lint   - venv, install, ruff (pycodestyle errors and warnings, pyflakes)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ RUN ?= runs/demo-mnist-eps10
 EPSILON ?= 10
 DELTA ?= 1e-5
 
-.PHONY: venv demo test fid-weights bench clean-venv
+.PHONY: venv demo test lint fid-weights bench clean-venv
 
 $(BIN)/dplatent: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,9 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
 
 fid-weights: venv
 	$(BIN)/dplatent fetch-fid-weights

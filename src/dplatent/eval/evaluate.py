@@ -5,7 +5,7 @@ are fractions in [0, 1]. Keys (present for the requested metrics):
 
     dataset, synthetic, n_synthetic, metrics, device, wall_seconds,
     cnn_acc, cnn_acc_std, cnn_acc_per_seed, cnn_val_acc, cnn_best_epoch, cnn_epochs, cnn_seconds
-    (likewise mlp_*, logreg_*), classifier_seeds,
+    (likewise mlp_*, logreg_*), classifier_seeds, classifier_first_seed,
     fid, fid_samples, fid_reference, fid_reference_samples, fid_warning, fid_seconds,
     fid_images_per_second, fid_weights_sha256
 """

@@ -181,3 +181,12 @@ def test_auto_evaluates_on_the_cpu_and_eval_json_names_the_device_and_file(real,
     assert result["synthetic_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert json.loads((tmp_path / "e.json").read_text())["synthetic_sha256"] == (
         result["synthetic_sha256"])
+
+
+def test_seeds_label_names_the_seeds_only_when_they_do_not_start_at_zero():
+    assert ev.seeds_label({"classifier_seeds": 3, "classifier_first_seed": 0}) == "3 seeds"
+    assert ev.seeds_label({"classifier_seeds": 2, "classifier_first_seed": 2}) \
+        == "2 seeds (2-3)"
+    # eval.json from before the seed keys: counted from the per-seed accuracies
+    assert ev.seeds_label({"cnn_acc_per_seed": [0.9, 0.8]}) == "2 seeds"
+    assert ev.seeds_label({}) == "? seeds"

@@ -177,6 +177,11 @@ def test_metrics_only_from_an_eval_json_of_exactly_these_images(tmp_path):
     facts = export.export_run(tmp_path / "out2", run, other)
     assert facts["metrics"] is None
     assert "Not evaluated" in (tmp_path / "out2" / "README.md").read_text()
+    # seeds that do not start at 0 are named on the card and kept in the facts
+    (run / "eval.json").write_text(json.dumps({**evaluation, "classifier_first_seed": 3}))
+    facts = export.export_run(tmp_path / "out3", run, npz)
+    assert facts["metrics"]["classifier_first_seed"] == 3
+    assert "(± 1.00, 3 seeds (3-5))" in (tmp_path / "out3" / "README.md").read_text()
 
 
 def test_refusals(tmp_path):

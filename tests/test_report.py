@@ -71,7 +71,7 @@ def test_full_report(run_dir):
     assert "| **total (composed)** |" in md and "<strong>total (composed)</strong>" in page
     # metrics
     assert "31.416" in md and "95.12% ± 0.31" in md and "88.01% ± 0.12" in md
-    assert "small-sample bias" in md and "MLP" not in md
+    assert "small-sample bias" in md and "MLP" not in md and "| 3 seeds, " in md
     # config is shown, escaped in HTML
     assert "&lt;script&gt;" in page and "<script>" not in page
     leftovers = [p.name for p in run_dir.iterdir() if p.name.startswith(".")]

@@ -30,6 +30,7 @@ import numpy as np
 
 from dplatent import __version__, data
 from dplatent.errors import DataError
+from dplatent.eval.evaluate import seeds_label
 from dplatent.io import atomic_folder, check_empty_target, read_json, sha256_file, write_json
 from dplatent.privacy.ledger import FILENAME as LEDGER
 from dplatent.privacy.ledger import run_privacy_status
@@ -152,6 +153,7 @@ def _metric_facts(result: dict | None) -> dict | None:
         return None
     keys = ("dataset", "n_synthetic", "fid", "fid_samples", "fid_reference",
             "fid_reference_samples", "fid_warning", "classifier_seeds",
+            "classifier_first_seed",
             "cnn_acc", "cnn_acc_std", "mlp_acc", "mlp_acc_std", "logreg_acc", "logreg_acc_std")
     out = {k: result[k] for k in keys if k in result}
     if result.get("fid_reference_split") != "test":
@@ -277,7 +279,7 @@ def _metric_lines(m: dict | None) -> list[str]:
         if f"{kind}_acc" in m:
             out.append(f"- {name} accuracy on the real test split: {100 * m[f'{kind}_acc']:.2f} % "
                        f"(± {100 * m.get(f'{kind}_acc_std', 0):.2f}, "
-                       f"{m.get('classifier_seeds')} seeds)")
+                       f"{seeds_label(m)})")
     if m.get("fid") is not None:
         out.append(f"- FID: {m['fid']:.2f} ({m.get('fid_samples')} synthetic vs "
                    f"{m.get('fid_reference_samples')} real images, {m.get('fid_reference')})"

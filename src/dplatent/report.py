@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 
 from dplatent import data  # noqa: E402
 from dplatent.errors import DataError  # noqa: E402
+from dplatent.eval.evaluate import seeds_label  # noqa: E402
 from dplatent.io import atomic_write, read_json  # noqa: E402
 from dplatent.privacy.ledger import run_privacy_status  # noqa: E402
 
@@ -200,9 +201,8 @@ def metrics_rows(ev: dict) -> list[tuple[str, ...]]:
         rows.append(("FID", fmt(ev["fid"], 5), detail))
     for kind, label in (("cnn", "CNN"), ("mlp", "MLP"), ("logreg", "logistic regression")):
         if f"{kind}_acc" in ev:
-            seeds = len(ev.get(f"{kind}_acc_per_seed") or []) or ev.get("classifier_seeds", "?")
             rows.append((f"{label} accuracy", pct(ev[f"{kind}_acc"], ev.get(f"{kind}_acc_std")),
-                         f"{seeds} seeds, {ev.get(f'{kind}_epochs', '?')} epochs, "
+                         f"{seeds_label(ev)}, {ev.get(f'{kind}_epochs', '?')} epochs, "
                          f"{fmt(ev.get(f'{kind}_seconds'), 3)} s"))
     return rows
 

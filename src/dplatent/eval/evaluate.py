@@ -102,6 +102,16 @@ def evaluate(synthetic: LabelledImages, dataset: str, data_dir: str | Path | Non
     return result
 
 
+def seeds_label(result: dict) -> str:
+    """'3 seeds', or '2 seeds (2-3)' when the classifier seeds did not start at 0."""
+    n = result.get("classifier_seeds") or next(
+        (len(v) for k, v in result.items() if k.endswith("_acc_per_seed") and v), None)
+    if n is None:
+        return "? seeds"
+    first = result.get("classifier_first_seed") or 0
+    return f"{n} seeds" + (f" ({first}-{first + n - 1})" if first else "")
+
+
 def classifier_configs(kinds: list[str], epochs: dict[str, int], seeds: int, batch_size: int,
                        val_fraction: float, threads: int | None,
                        first_seed: int = 0) -> dict[str, ClassifierConfig]:

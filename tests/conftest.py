@@ -28,6 +28,13 @@ def real_data_root() -> Path | None:
     return path.resolve()
 
 
+@pytest.fixture(autouse=True)
+def no_busy_warning(monkeypatch):
+    """The suite itself keeps the CPU busy: without this, the CLI's warning about a busy
+    machine (dplatent.runtime.busy_warning) would join the stderr that tests check."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+
+
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
     path = real_data_root()

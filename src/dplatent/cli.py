@@ -124,6 +124,13 @@ def plan(dataset: DatasetOpt = "mnist",
     typer.echo(f"composed epsilon: {p.epsilon:.4f} (target {p.target_epsilon:g})")
 
 
+def _warn_if_busy(threads: int | None) -> None:
+    from dplatent import runtime
+    warning = runtime.busy_warning(threads or 0)
+    if warning:
+        typer.echo(warning, err=True)
+
+
 @app.command()
 def train(out: Annotated[Path, typer.Option("--out", help="run directory to create")],
           dataset: DatasetOpt = "mnist", data_dir: DataDirOpt = None,
@@ -160,6 +167,7 @@ def train(out: Annotated[Path, typer.Option("--out", help="run directory to crea
     control = cfg.privacy.non_private_control
     if control:
         typer.echo(NOT_PRIVATE_BANNER, err=True)
+    _warn_if_busy(cfg.threads)
     if device is not None:  # not a privacy setting: a resumed run may change it too
         import dataclasses
         cfg = dataclasses.replace(cfg, device=device)
@@ -303,6 +311,7 @@ def evaluate(
         progress: Annotated[bool, typer.Option(help="show progress bars")] = True):
     """Downstream accuracy (train on synthetic, test on real) and FID."""
     from dplatent.eval.commands import evaluate_command
+    _warn_if_busy(threads)
     evaluate_command(synthetic=synthetic, run=run, dataset=dataset,
                      data_dir=Path(data_dir) if data_dir else None, metrics=metrics,
                      fid_samples=fid_samples, fid_reference=fid_reference,

@@ -39,6 +39,28 @@ def set_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
+def busy_warning(threads: int, load: float | None = None, cores: int | None = None) -> str | None:
+    """A warning when another job already keeps the CPU busy and this one would use every core.
+
+    Two processes whose OpenMP threads each spin on every core stall each other: a DP step ran
+    3-24x slower in each of two at once, against 1.2-1.6x with OMP_WAIT_POLICY=PASSIVE or one
+    thread each (benchmarks/contention.py). load: the 1-minute load average (read when None).
+    """
+    cores = cores or os.cpu_count() or 1
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (OSError, AttributeError):  # not available on this platform
+            return None
+    spinning = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
+    if load < 0.75 or not spinning or 0 < threads < cores:
+        return None
+    return (f"warning: the CPU is already busy (load average {load:.1f} on {cores} cores); "
+            "two jobs that each use every core slow each other down several times over. "
+            "Run one at a time, or start each with OMP_WAIT_POLICY=PASSIVE or --threads "
+            f"{max(1, cores // 2)}.")
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 

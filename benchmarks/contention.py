@@ -32,37 +32,15 @@ SCENARIOS = [
 
 def worker(preset: str, stage: str, steps: int, threads: int) -> None:
     import torch
+    from dp_step_speed import autoencoder_rate, denoiser_rate
 
-    from dp_step_speed import measure
     from dplatent import config, runtime
-    from dplatent.diffusion.loss import denoising_loss
-    from dplatent.diffusion.schedule import alphas_cumprod
-    from dplatent.models.autoencoder import reconstruction_loss
-    from dplatent.train.stages import build_autoencoder, build_denoiser
 
     runtime.tune_allocator()
     runtime.set_threads(threads)
     cfg = config.resolve(preset, {})
-    torch.manual_seed(0)
-    ae = build_autoencoder(cfg, 1, 28)
-    if stage == "autoencoder":
-        a = cfg.autoencoder
-        x = torch.rand(4096, 1, 28, 28)
-        rate = measure(ae, lambda m, i: reconstruction_loss(m, x[i]), a.batch_size,
-                       a.physical_batch_size, "hooks", steps)
-        print(f"RATE {rate:.1f} threads={torch.get_num_threads()}", flush=True)
-        return
-    d = cfg.diffusion
-    dim = int(torch.tensor(ae.latent_shape).prod())
-    z, y = torch.randn(4096, dim), torch.randint(0, 10, (4096,))
-    acp = alphas_cumprod(d.train_timesteps, d.beta_schedule)
-    den = build_denoiser(cfg, dim, 10)
-
-    def dloss(m, i):
-        return denoising_loss(m, z[i], y[i], alphas_cumprod=acp,
-                              multiplicity=d.noise_multiplicity, label_dropout=0.1,
-                              null_label=10)
-    rate = measure(den, dloss, d.batch_size, d.physical_batch_size, "ghost", steps)
+    rate = (autoencoder_rate(cfg, steps) if stage == "autoencoder"
+            else denoiser_rate(cfg, steps)[0])
     print(f"RATE {rate:.1f} threads={torch.get_num_threads()}", flush=True)
 
 

@@ -31,24 +31,22 @@ def measure(model, loss_fn, n_batch, physical, mode, steps):
     return n_batch * steps / (time.perf_counter() - t)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="quick")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--no-malloc-tuning", action="store_true")
-    args = ap.parse_args()
-    if not args.no_malloc_tuning:
-        runtime.tune_allocator()
-    cfg = config.resolve(args.preset, {})
+def autoencoder_rate(cfg, steps: int) -> float:
+    """Examples/s of the preset's stage-1 DP step (per-example hooks) on random images."""
     torch.manual_seed(0)
     x = torch.rand(4096, 1, 28, 28)
-    ae = build_autoencoder(cfg, 1, 28)
     a = cfg.autoencoder
-    ae_rate = measure(ae, lambda m, i: reconstruction_loss(m, x[i]), a.batch_size,
-                      a.physical_batch_size, "hooks", args.steps)
+    return measure(build_autoencoder(cfg, 1, 28), lambda m, i: reconstruction_loss(m, x[i]),
+                   a.batch_size, a.physical_batch_size, "hooks", steps)
+
+
+def denoiser_rate(cfg, steps: int) -> tuple[float, int]:
+    """(examples/s, parameters) of the preset's stage-2 DP step (ghost clipping) on random
+    latents of the autoencoder's latent size."""
+    torch.manual_seed(0)
     d = cfg.diffusion
     dim = 1
-    for s in ae.latent_shape:
+    for s in build_autoencoder(cfg, 1, 28).latent_shape:
         dim *= s
     z, y = torch.randn(4096, dim), torch.randint(0, 10, (4096,))
     acp = alphas_cumprod(d.train_timesteps, d.beta_schedule)
@@ -58,8 +56,22 @@ def main() -> None:
         return denoising_loss(m, z[i], y[i], alphas_cumprod=acp,
                               multiplicity=d.noise_multiplicity, label_dropout=0.1,
                               null_label=10)
-    den_rate = measure(den, dloss, d.batch_size, d.physical_batch_size, "ghost", args.steps)
-    nparams = sum(p.numel() for p in den.parameters())
+    rate = measure(den, dloss, d.batch_size, d.physical_batch_size, "ghost", steps)
+    return rate, sum(p.numel() for p in den.parameters())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="quick")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--no-malloc-tuning", action="store_true")
+    args = ap.parse_args()
+    if not args.no_malloc_tuning:
+        runtime.tune_allocator()
+    cfg = config.resolve(args.preset, {})
+    ae_rate = autoencoder_rate(cfg, args.steps)
+    den_rate, nparams = denoiser_rate(cfg, args.steps)
+    a, d = cfg.autoencoder, cfg.diffusion
     print(f"threads={torch.get_num_threads()} malloc_tuned={not args.no_malloc_tuning}")
     print(f"autoencoder (hooks): {ae_rate:.0f} examples/s, batch {a.batch_size}")
     print(f"denoiser (ghost, K={d.noise_multiplicity}, {nparams/1e6:.2f}M params): "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from dplatent import runtime
@@ -13,25 +15,44 @@ def spinning(monkeypatch):
 
 
 def test_busy_machine_and_every_core_warns_with_the_remedies():
-    msg = runtime.busy_warning(0, load=1.9, cores=2)
-    assert msg.startswith("warning: the CPU is already busy (load average 1.9 on 2 cores)")
+    msg = runtime.busy_warning(0, busy=1.9, cores=2)
+    assert msg.startswith("warning: other jobs keep the CPU busy (1.9 of 2 cores)")
     assert "OMP_WAIT_POLICY=PASSIVE" in msg and "--threads 1" in msg
-    assert "--threads 4" in runtime.busy_warning(8, load=3.0, cores=8)  # 8 of 8 = every core
+    assert "--threads 4" in runtime.busy_warning(8, busy=3.0, cores=8)  # 8 of 8 = every core
 
 
-@pytest.mark.parametrize("threads, load", [(0, 0.3), (1, 1.9)])
-def test_idle_machine_or_fewer_threads_than_cores_stays_quiet(threads, load):
-    assert runtime.busy_warning(threads, load=load, cores=2) is None
+@pytest.mark.parametrize("threads, busy", [(0, 0.3), (1, 1.9)])
+def test_idle_machine_or_fewer_threads_than_cores_stays_quiet(threads, busy):
+    assert runtime.busy_warning(threads, busy=busy, cores=2) is None
 
 
 def test_sleeping_openmp_threads_stay_quiet(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
-    assert runtime.busy_warning(0, load=1.9, cores=2) is None
+    assert runtime.busy_warning(0, busy=1.9, cores=2) is None
 
 
 def test_cli_prints_the_warning_when_busy(monkeypatch, capsys):
     from dplatent import cli
-    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 1.5)
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
     cli._warn_if_busy(None)
-    assert "load average 5.0 on 2 cores" in capsys.readouterr().err
+    assert "(1.5 of 2 cores)" in capsys.readouterr().err
+
+
+def test_busy_cores_sees_a_spinning_thread_and_not_a_finished_one():
+    import threading
+    import time
+    stop = time.perf_counter() + 1.0
+    spinner = threading.Thread(target=lambda: [0 for _ in iter(
+        lambda: time.perf_counter() < stop, False)])
+    quiet = runtime.busy_cores(0.3)
+    spinner.start()
+    time.sleep(0.05)
+    loaded = runtime.busy_cores(0.3)
+    spinner.join()
+    if quiet is None:
+        pytest.skip("no /proc/stat here")
+    if quiet > (os.cpu_count() or 1) - 1.2:
+        pytest.skip(f"other jobs already use {quiet:.1f} cores: no room to see one more")
+    # one spinning thread is about one core more than before (other jobs may add noise)
+    assert loaded - quiet > 0.5

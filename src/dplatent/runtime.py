@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import time
 
 import torch
 
@@ -39,25 +40,43 @@ def set_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
-def busy_warning(threads: int, load: float | None = None, cores: int | None = None) -> str | None:
-    """A warning when another job already keeps the CPU busy and this one would use every core.
+def busy_cores(window: float = 0.3) -> float | None:
+    """How many cores the machine kept busy over the next `window` seconds while this process
+    slept, i.e. other jobs' load now (Linux /proc/stat; None where it is not available).
+    Unlike the load average it does not remember a job that has just ended."""
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+        return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # all but idle and iowait
+    try:
+        busy0, total0 = read()
+        time.sleep(window)
+        busy1, total1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1)
+
+
+def busy_warning(threads: int, busy: float | None = None, cores: int | None = None) -> str | None:
+    """A warning when other jobs already keep the CPU busy and this one would use every core.
 
     Two processes whose OpenMP threads each spin on every core stall each other: a DP step ran
     3-24x slower in each of two at once, against 1.2-1.6x with OMP_WAIT_POLICY=PASSIVE or one
-    thread each (benchmarks/contention.py). load: the 1-minute load average (read when None).
+    thread each (benchmarks/contention.py). busy: cores other jobs use now (measured when None).
     """
     cores = cores or os.cpu_count() or 1
-    if load is None:
-        try:
-            load = os.getloadavg()[0]
-        except (OSError, AttributeError):  # not available on this platform
-            return None
     spinning = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
-    if load < 0.75 or not spinning or 0 < threads < cores:
+    if not spinning or 0 < threads < cores:
         return None
-    return (f"warning: the CPU is already busy (load average {load:.1f} on {cores} cores); "
-            "two jobs that each use every core slow each other down several times over. "
-            "Run one at a time, or start each with OMP_WAIT_POLICY=PASSIVE or --threads "
+    if busy is None:
+        busy = busy_cores()
+    if busy is None or busy < 0.75:
+        return None
+    return (f"warning: other jobs keep the CPU busy ({busy:.1f} of {cores} cores); two jobs "
+            "that each use every core slow each other down several times over. Run one at a "
+            "time, or start each with OMP_WAIT_POLICY=PASSIVE or --threads "
             f"{max(1, cores // 2)}.")
 
 

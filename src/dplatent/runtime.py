@@ -44,19 +44,21 @@ def busy_cores(window: float = 0.3) -> float | None:
     """How many cores the machine kept busy over the next `window` seconds while this process
     slept, i.e. other jobs' load now (Linux /proc/stat; None where it is not available).
     Unlike the load average it does not remember a job that has just ended."""
-    def read() -> tuple[int, int]:
+    def read() -> tuple[int, int, int]:
         with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:9]]
-        return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # all but idle and iowait
+            lines = f.read().splitlines()
+        ticks = [int(v) for v in lines[0].split()[1:9]]  # the sum over the CPUs listed below
+        cpus = sum(1 for line in lines if line[:3] == "cpu" and line[3:4].isdigit())
+        return sum(ticks) - ticks[3] - ticks[4], sum(ticks), cpus  # all but idle and iowait
     try:
-        busy0, total0 = read()
+        busy0, total0, _ = read()
         time.sleep(window)
-        busy1, total1 = read()
+        busy1, total1, cpus = read()
     except (OSError, ValueError, IndexError):
         return None
     if total1 <= total0:
         return None
-    return (busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1)
+    return (busy1 - busy0) / (total1 - total0) * cpus
 
 
 def busy_warning(threads: int, busy: float | None = None, cores: int | None = None) -> str | None:

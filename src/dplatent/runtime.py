@@ -66,7 +66,8 @@ def busy_warning(threads: int, busy: float | None = None, cores: int | None = No
 
     Two processes whose OpenMP threads each spin on every core stall each other: a DP step ran
     3-24x slower in each of two at once, against 1.6-2.2x (the cores shared) with
-    OMP_WAIT_POLICY=PASSIVE or one thread each (benchmarks/contention.py). busy: cores other jobs use now (measured when None).
+    OMP_WAIT_POLICY=PASSIVE or one thread each (benchmarks/contention.py).
+    busy: cores other jobs use now (measured when None).
     """
     cores = cores or os.cpu_count() or 1
     spinning = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"

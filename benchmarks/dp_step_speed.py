@@ -6,6 +6,7 @@ Usage: python benchmarks/dp_step_speed.py [--preset quick] [--steps 5]
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from dplatent import config, runtime
 from dplatent.diffusion.loss import denoising_loss
 from dplatent.diffusion.schedule import alphas_cumprod
-from dplatent.models.autoencoder import reconstruction_loss
+from dplatent.models.autoencoder import latent_shape, reconstruction_loss
 from dplatent.privacy.dp_training import make_trainer
 from dplatent.train.stages import build_autoencoder, build_denoiser
 
@@ -44,10 +45,8 @@ def denoiser_rate(cfg, steps: int) -> tuple[float, int]:
     """(examples/s, parameters) of the preset's stage-2 DP step (ghost clipping) on random
     latents of the autoencoder's latent size."""
     torch.manual_seed(0)
-    d = cfg.diffusion
-    dim = 1
-    for s in build_autoencoder(cfg, 1, 28).latent_shape:
-        dim *= s
+    d, a = cfg.diffusion, cfg.autoencoder
+    dim = math.prod(latent_shape(28, a.channels, a.latent_channels))
     z, y = torch.randn(4096, dim), torch.randint(0, 10, (4096,))
     acp = alphas_cumprod(d.train_timesteps, d.beta_schedule)
     den = build_denoiser(cfg, dim, 10)

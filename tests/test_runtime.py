@@ -39,7 +39,7 @@ def test_cli_prints_the_warning_when_busy(monkeypatch, capsys):
     assert "(1.5 of 2 cores)" in capsys.readouterr().err
 
 
-def test_busy_cores_sees_a_spinning_thread_and_not_a_finished_one():
+def test_busy_cores_sees_one_spinning_thread():
     import threading
     import time
     stop = time.perf_counter() + 1.0

@@ -56,3 +56,31 @@ def test_busy_cores_sees_one_spinning_thread():
         pytest.skip(f"other jobs already use {quiet:.1f} cores: no room to see one more")
     # one spinning thread is about one core more than before (other jobs may add noise)
     assert loaded - quiet > 0.5
+
+
+def _fake_proc_stat(monkeypatch, *snapshots):
+    """Serve successive /proc/stat texts (two CPUs) to busy_cores, with no real sleep."""
+    import io
+    texts = iter(f"cpu  {' '.join(map(str, t))}\ncpu0 0\ncpu1 0\nintr 0\n" for t in snapshots)
+    monkeypatch.setattr(runtime, "open", lambda path: io.StringIO(next(texts)), raising=False)
+    monkeypatch.setattr(runtime.time, "sleep", lambda s: None)
+
+
+def test_busy_cores_counts_only_the_window_and_forgets_a_finished_job(monkeypatch):
+    # ticks: user nice system idle iowait irq softirq steal
+    history = [900_000, 0, 100_000, 1_000, 0, 0, 0, 0]  # a job kept both cores busy for hours
+    idle_window = [900_000, 0, 100_000, 1_050, 10, 0, 0, 0]  # then 60 ticks idle or waiting
+    _fake_proc_stat(monkeypatch, history, idle_window)
+    assert runtime.busy_cores() == 0.0
+    half_window = [900_020, 0, 100_010, 1_030, 0, 0, 0, 0]  # 30 of 60 ticks busy, 2 CPUs
+    _fake_proc_stat(monkeypatch, history, half_window)
+    assert runtime.busy_cores() == pytest.approx(1.0)
+
+
+def test_busy_cores_without_a_readable_proc_stat_is_none(monkeypatch):
+    def missing(path):
+        raise FileNotFoundError(path)
+    monkeypatch.setattr(runtime, "open", missing, raising=False)
+    assert runtime.busy_cores() is None
+    _fake_proc_stat(monkeypatch, [5, 0, 0, 5, 0, 0, 0, 0], [5, 0, 0, 5, 0, 0, 0, 0])
+    assert runtime.busy_cores() is None  # no ticks passed: nothing to measure

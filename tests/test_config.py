@@ -80,6 +80,8 @@ def test_overrides_apply_and_are_coerced():
     ({"autoencoder.latent_noise": "-0.1"},
      r"autoencoder.latent_noise must be >= 0 and finite, got -0.1"),
     ({"autoencoder.latent_noise": "inf"}, r"latent_noise must be >= 0 and finite, got inf"),
+    ({"autoencoder.ema_decay": "1"}, r"autoencoder.ema_decay must be in \[0, 1\), got 1"),
+    ({"autoencoder.ema_decay": "-0.5"}, r"autoencoder.ema_decay must be in \[0, 1\), got -0.5"),
     ({"diffusion.beta_schedule": "cosine"}, "beta_schedule"),
     ({"diffusion.noise_multiplicity": "0"}, "noise_multiplicity"),
     ({"sampling.sampler": "euler"}, "sampler"),

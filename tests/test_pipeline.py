@@ -31,7 +31,7 @@ DELTA = 1e-4           # below 1/N
 # accountant: Opacus' PRV accountant costs about a second per call here, and a run makes dozens.
 BUDGET = ["--preset", "smoke", "--epsilon", str(EPSILON), "--delta", str(DELTA),
           "--set", "privacy.accountant=rdp", "--set", "autoencoder.epochs=0.6",
-          "--set", "diffusion.epochs=0.6"]
+          "--set", "diffusion.epochs=0.6", "--set", "autoencoder.ema_decay=0.9"]
 SMOKE = [*BUDGET, "--seed", "1", "--threads", "1"]
 STEPS = 6
 
@@ -113,7 +113,17 @@ def test_train_writes_a_complete_run_within_budget(trained):
         assert ck["step"] == planned[stage]["steps"]
         assert ck["model"] and all(torch.isfinite(v).all() for v in ck["model"].values()
                                    if v.is_floating_point())
-    assert torch.load(run / "checkpoints" / "diffusion.pt", weights_only=True)["ema"]
+    # both stages keep an EMA of their iterates (the autoencoder's by the override above), and
+    # that average is what sampling loads, not the last iterate
+    from dplatent.sample import TrainedRun
+    loaded = TrainedRun(run, device="cpu")
+    for stage, model in (("autoencoder", loaded.autoencoder), ("diffusion", loaded.denoiser)):
+        ck = torch.load(run / "checkpoints" / f"{stage}.pt", weights_only=True)
+        ema = {k.removeprefix("module."): v for k, v in ck["ema"].items() if k != "n_averaged"}
+        state = model.state_dict()
+        assert state.keys() == ema.keys(), stage
+        assert all(torch.equal(state[k], ema[k]) for k in state), stage
+        assert any(not torch.equal(state[k], ck["model"][k]) for k in state), stage
 
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in log} == {"autoencoder", "diffusion"}

@@ -56,6 +56,10 @@ class AutoencoderConfig:
     # encoder to keep what matters in directions larger than the noise. Drawn independently of
     # the data, so the privacy analysis is unchanged. 0: off.
     latent_noise: float = 0.0
+    # Decay of an exponential moving average of the DP-SGD iterates (with warm-up, as stage 2's);
+    # the average is the autoencoder used downstream. Post-processing of the noisy iterates, no
+    # privacy cost. 0: off (the last iterate).
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         _check(len(self.channels) >= 1, "autoencoder.channels: need at least one stage")
@@ -70,6 +74,8 @@ class AutoencoderConfig:
         _check(self.batch_size > 0 and self.physical_batch_size > 0,
                "autoencoder batch sizes must be > 0")
         _check(self.lr > 0 and self.clip_norm > 0, "autoencoder.lr and clip_norm must be > 0")
+        _check(0 <= self.ema_decay < 1,
+               f"autoencoder.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,7 +25,7 @@ from dplatent.errors import ConfigError, DplatentError  # noqa: E402
 from dplatent.io import atomic_folder, atomic_write, sha256_file  # noqa: E402
 from dplatent.models.autoencoder import Autoencoder  # noqa: E402
 from dplatent.models.denoiser import Denoiser  # noqa: E402
-from dplatent.train.loop import checkpoint_path, load_checkpoint  # noqa: E402
+from dplatent.train.loop import checkpoint_path, final_weights, load_checkpoint  # noqa: E402
 from dplatent.train.stages import build_autoencoder, build_denoiser  # noqa: E402
 
 
@@ -74,15 +74,13 @@ class TrainedRun:
 
     def _load_ae(self) -> Autoencoder:
         ae = build_autoencoder(self.cfg, self.meta["channels"], self.meta["image_size"])
-        ae.load_state_dict(self._checkpoint("autoencoder")["model"])
+        ae.load_state_dict(final_weights(self._checkpoint("autoencoder")))
         return ae.to(self.device).eval()
 
     def _load_denoiser(self) -> Denoiser:
         dim = int(np.prod(self.autoencoder.latent_shape))
         den = build_denoiser(self.cfg, dim, self.num_classes)
-        ema = self._checkpoint("diffusion")["ema"]
-        state = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
-        den.load_state_dict(state if state else self._checkpoint("diffusion")["model"])
+        den.load_state_dict(final_weights(self._checkpoint("diffusion")))
         return den.to(self.device).eval()
 
 

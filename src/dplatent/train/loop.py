@@ -198,6 +198,14 @@ def train_stage(model: nn.Module, n: int, loss_fn: LossFn, s: StageSettings, led
     return _final(model, ema)
 
 
+def final_weights(checkpoint: dict) -> dict:
+    """The weights a stage hands on, from its checkpoint: the EMA's when the stage keeps one
+    (`_final`), else the last iterate's."""
+    ema = checkpoint.get("ema") or {}
+    state = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+    return state or checkpoint["model"]
+
+
 def _final(model: nn.Module, ema: AveragedModel | None) -> nn.Module:
     out = copy.deepcopy(ema.module if ema is not None else model)
     out.eval()

@@ -76,7 +76,7 @@ def train_autoencoder(images: torch.Tensor, cfg: RunConfig, plan: PrivacyPlan, l
     settings = StageSettings(name="autoencoder", plan=plan.stage("autoencoder"),
                              lr=cfg.autoencoder.lr,
                              physical_batch_size=cfg.autoencoder.physical_batch_size,
-                             grad_mode="hooks", ema_decay=None,
+                             grad_mode="hooks", ema_decay=cfg.autoencoder.ema_decay or None,
                              checkpoint_every=cfg.checkpoint_every, seed=cfg.seed)
     return train_stage(model, len(images), loss_fn, settings, ledger, run_dir, progress)
 

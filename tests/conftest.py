@@ -191,6 +191,32 @@ def train_smoke(dataset: Path | str, run_dir: Path, **settings: str) -> Path:
     return run_dir
 
 
+def train_tiny_autoencoder(run_dir: Path, *, n: int, batch_size: int, sample_rate: float,
+                           steps: int, ema_decay: float | None = None, checkpoint_every: int = 2,
+                           progress: bool = False):
+    """`steps` DP-SGD steps (sigma 1, C 1) of a tiny autoencoder on n random 16x16 images
+    (seed 0) through the training loop, checkpoints in run_dir. Returns (the initial weights,
+    the model train_stage hands on, the ledger)."""
+    from dplatent.models.autoencoder import Autoencoder, reconstruction_loss
+    from dplatent.privacy.accounting import StagePlan
+    from dplatent.privacy.ledger import Ledger
+    from dplatent.train.loop import StageSettings, train_stage
+
+    torch.manual_seed(0)
+    x = torch.rand(n, 1, 16, 16)
+    model = Autoencoder(in_channels=1, image_size=16, channels=(8,), latent_channels=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = StagePlan(stage="autoencoder", batch_size=batch_size, sample_rate=sample_rate,
+                     steps=steps, noise_multiplier=1.0, clip_norm=1.0, epsilon_alone=0.0)
+    settings = StageSettings(name="autoencoder", plan=plan, lr=1e-2, physical_batch_size=8,
+                             grad_mode="hooks", ema_decay=ema_decay,
+                             checkpoint_every=checkpoint_every, seed=0)
+    ledger = Ledger(accountant="rdp", target_epsilon=100.0, delta=1e-5)
+    out = train_stage(model, n, lambda m, idx, g: reconstruction_loss(m, x[idx]), settings,
+                      ledger, run_dir, progress=progress)
+    return before, out, ledger
+
+
 # ------------------------------------------------ comparing checkpoints
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import assert_same_state, train_tiny_autoencoder
 from torch.optim.swa_utils import AveragedModel
 
 from dplatent.train.loop import ema_avg_fn, ema_decay_at
@@ -35,26 +36,11 @@ def test_ema_of_a_short_run_follows_the_trained_weights():
 def _trained_autoencoder(tmp_path, ema_decay):
     """Six noisy DP steps of a tiny autoencoder; returns (the model train_stage hands on, its
     checkpoint)."""
-    from dplatent.models.autoencoder import Autoencoder, reconstruction_loss
-    from dplatent.privacy.accounting import StagePlan
-    from dplatent.privacy.ledger import Ledger
-    from dplatent.train.loop import StageSettings, checkpoint_path, load_checkpoint, train_stage
+    from dplatent.train.loop import checkpoint_path, load_checkpoint
 
-    torch.manual_seed(0)
-    x = torch.rand(40, 1, 16, 16)
-    model = Autoencoder(in_channels=1, image_size=16, channels=(8,), latent_channels=2)
-    plan = StagePlan(stage="autoencoder", batch_size=10, sample_rate=0.25, steps=6,
-                     noise_multiplier=1.0, clip_norm=1.0, epsilon_alone=0.0)
-    settings = StageSettings(name="autoencoder", plan=plan, lr=1e-2, physical_batch_size=8,
-                             grad_mode="hooks", ema_decay=ema_decay, checkpoint_every=4, seed=0)
-    ledger = Ledger(accountant="rdp", target_epsilon=100.0, delta=1e-5)
-    out = train_stage(model, 40, lambda m, idx, g: reconstruction_loss(m, x[idx]), settings,
-                      ledger, tmp_path, progress=False)
+    _, out, _ = train_tiny_autoencoder(tmp_path, n=40, batch_size=10, sample_rate=0.25, steps=6,
+                                       ema_decay=ema_decay, checkpoint_every=4)
     return out, load_checkpoint(checkpoint_path(tmp_path, "autoencoder"))
-
-
-def _equal(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_final_weights_are_the_ema_when_the_stage_keeps_one(tmp_path):
@@ -63,8 +49,9 @@ def test_final_weights_are_the_ema_when_the_stage_keeps_one(tmp_path):
     from dplatent.train.loop import final_weights
 
     out, ck = _trained_autoencoder(tmp_path, ema_decay=0.999)
-    assert ck["ema"] and not _equal(ck["model"], final_weights(ck))
-    assert _equal(out.state_dict(), final_weights(ck))
+    assert ck["ema"] and any(not torch.equal(ck["model"][k], v)
+                             for k, v in final_weights(ck).items())
+    assert_same_state(out.state_dict(), final_weights(ck))
 
 
 def test_final_weights_are_the_last_iterate_without_ema(tmp_path):
@@ -72,4 +59,5 @@ def test_final_weights_are_the_last_iterate_without_ema(tmp_path):
 
     out, ck = _trained_autoencoder(tmp_path, ema_decay=None)
     assert ck["ema"] == {}
-    assert _equal(out.state_dict(), ck["model"]) and _equal(final_weights(ck), ck["model"])
+    assert_same_state(out.state_dict(), ck["model"])
+    assert_same_state(final_weights(ck), ck["model"])

@@ -19,7 +19,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from conftest import write_synthetic_npz
+from conftest import train_tiny_autoencoder, write_synthetic_npz
 
 from dplatent.cli import main
 from dplatent.privacy.ledger import recompute
@@ -279,22 +279,8 @@ def test_training_loop_survives_empty_poisson_batches(tmp_path, single_thread):
     """With a tiny sampling rate every batch is empty: each step is still a noisy, counted
     step (the accounting assumes it), and the progress display must not trip over the missing
     loss."""
-    from dplatent.models.autoencoder import Autoencoder, reconstruction_loss
-    from dplatent.privacy.accounting import StagePlan
-    from dplatent.privacy.ledger import Ledger
-    from dplatent.train.loop import StageSettings, train_stage
-
-    torch.manual_seed(0)
-    x = torch.rand(20, 1, 16, 16)
-    model = Autoencoder(in_channels=1, image_size=16, channels=(8,), latent_channels=2)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    plan = StagePlan(stage="autoencoder", batch_size=1, sample_rate=1e-4, steps=3,
-                     noise_multiplier=1.0, clip_norm=1.0, epsilon_alone=0.0)
-    settings = StageSettings(name="autoencoder", plan=plan, lr=1e-2, physical_batch_size=8,
-                             grad_mode="hooks", ema_decay=None, checkpoint_every=2, seed=0)
-    ledger = Ledger(accountant="rdp", target_epsilon=100.0, delta=1e-5)
-    out = train_stage(model, 20, lambda m, idx, g: reconstruction_loss(m, x[idx]), settings,
-                      ledger, tmp_path, progress=True)
+    before, out, ledger = train_tiny_autoencoder(tmp_path, n=20, batch_size=1, sample_rate=1e-4,
+                                                 steps=3, progress=True)
     assert ledger.steps("autoencoder") == 3
     assert json.loads((tmp_path / "privacy.json").read_text())["entries"][0]["steps"] == 3
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]

@@ -19,7 +19,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from conftest import train_tiny_autoencoder, write_synthetic_npz
+from conftest import assert_same_state, train_tiny_autoencoder, write_synthetic_npz
 
 from dplatent.cli import main
 from dplatent.privacy.ledger import recompute
@@ -116,13 +116,13 @@ def test_train_writes_a_complete_run_within_budget(trained):
     # both stages keep an EMA of their iterates (the autoencoder's by the override above), and
     # that average is what sampling loads, not the last iterate
     from dplatent.sample import TrainedRun
+    from dplatent.train.loop import final_weights
     loaded = TrainedRun(run, device="cpu")
     for stage, model in (("autoencoder", loaded.autoencoder), ("diffusion", loaded.denoiser)):
         ck = torch.load(run / "checkpoints" / f"{stage}.pt", weights_only=True)
-        ema = {k.removeprefix("module."): v for k, v in ck["ema"].items() if k != "n_averaged"}
+        assert ck["ema"], stage
         state = model.state_dict()
-        assert state.keys() == ema.keys(), stage
-        assert all(torch.equal(state[k], ema[k]) for k in state), stage
+        assert_same_state(state, final_weights(ck), stage)
         assert any(not torch.equal(state[k], ck["model"][k]) for k in state), stage
 
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
@@ -270,9 +270,7 @@ def test_interrupted_run_resumes_to_the_same_models_and_ledger(trained, dataset,
         b = torch.load(trained[0] / "checkpoints" / f"{stage}.pt", weights_only=True)
         assert a["step"] == b["step"] == STEPS
         for part in ("model", "ema"):
-            assert a[part].keys() == b[part].keys()
-            for k in a[part]:
-                assert torch.equal(a[part][k], b[part][k]), f"{stage} {part} {k}"
+            assert_same_state(a[part], b[part], f"{stage} {part}")
 
 
 def test_training_loop_survives_empty_poisson_batches(tmp_path, single_thread):

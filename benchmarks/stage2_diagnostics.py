@@ -11,8 +11,13 @@ development information, never published outputs of a run).
                cell_of, as diffusion.gaussian_partition does), with B's sigma chosen
                so that the two compose to --sigma (1/sigma^2 = 1/sA^2 + 1/sB^2). Latents are
                drawn from the Gaussians alone (no DP-trained correction) and decoded.
+    spread     (reads no private data) sampled latents, drawn as the run samples them, against
+               the sphere the encoder puts every latent on (per-sample mean 0, standard
+               deviation 1): prints the spread of their per-sample means and standard
+               deviations; with --out, also decodes them after re-standardising each one
+               (moving it back onto that sphere)
 
-Each writes a labelled npz; score it with
+Each writes a labelled npz (spread only with --out); score it with
 `dplatent evaluate --synthetic NPZ --dataset DS --metrics cnn --seeds 1`. Example:
 
     python benchmarks/stage2_diagnostics.py gaussians --run RUN --dataset mnist \\
@@ -22,6 +27,7 @@ Each writes a labelled npz; score it with
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -30,7 +36,8 @@ import torch
 
 from dplatent import data
 from dplatent.diffusion import gaussian_base as gb
-from dplatent.sample import TrainedRun, save_npz
+from dplatent.models.autoencoder import standardise
+from dplatent.sample import TrainedRun, decode_latents, draw_latents, save_npz
 from dplatent.train.stages import encode
 
 BATCH = 2000
@@ -49,6 +56,19 @@ def recon(run: TrainedRun, dataset: str, data_dir: str | None) -> tuple[np.ndarr
     with torch.no_grad():
         parts = [decode(run, ae.encode(x[i:i + BATCH])) for i in range(0, len(x), BATCH)]
     return np.concatenate(parts), train.y.astype(np.int64)
+
+
+def spread(run: TrainedRun, num: int) -> tuple[dict, torch.Tensor, np.ndarray]:
+    """Per-sample mean and standard deviation of `num` latents sampled with the run's
+    settings (sampling seed 0), summarised; and the latents re-standardised, with labels."""
+    z, y = draw_latents(run, num, progress=True)
+    flat = z.flatten(1)
+    mean, std = flat.mean(1), flat.std(1)
+    stats = {"num": num, "dim": flat.shape[1],
+             "sample_std": {"mean": std.mean().item(), "sd": std.std().item(),
+                            "min": std.min().item(), "max": std.max().item()},
+             "sample_mean": {"mean": mean.mean().item(), "sd": mean.std().item()}}
+    return stats, standardise(flat), y
 
 
 MEANS_ONLY = (0.95, math.sqrt(1 - 0.95 ** 2), 0.0)   # release B with --shared-covariance
@@ -121,11 +141,11 @@ def gaussians(run: TrainedRun, dataset: str, data_dir: str | None, *, sigma: flo
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("recon", "gaussians"))
+    p.add_argument("what", choices=("recon", "gaussians", "spread"))
     p.add_argument("--run", type=Path, required=True, help="trained run directory")
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset", help="recon, gaussians: the run's data set")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--out", type=Path, required=True, help="npz to write")
+    p.add_argument("--out", type=Path, help="npz to write (spread: optional)")
     p.add_argument("--sigma", type=float, default=0.607, help="release noise multiplier")
     p.add_argument("--cells", type=int, default=None,
                    help="B: two releases, 2^B cells per class (default: one release)")
@@ -136,8 +156,17 @@ def main() -> None:
                         "within-cell covariance")
     p.add_argument("--num", type=int, default=60000)
     a = p.parse_args()
+    if a.what != "spread" and (a.dataset is None or a.out is None):
+        p.error(f"{a.what} needs --dataset and --out")
     run = TrainedRun(a.run, device="cpu")
-    if a.what == "recon":
+    if a.what == "spread":
+        stats, z, y = spread(run, a.num)
+        print(json.dumps(stats, indent=1))
+        if a.out is None:
+            return
+        s = run.cfg.sampling
+        x = decode_latents(run, z, sharpness=s.sharpness, batch_size=s.batch_size)
+    elif a.what == "recon":
         x, y = recon(run, a.dataset, a.data_dir)
     else:
         x, y = gaussians(run, a.dataset, a.data_dir, sigma=a.sigma, cells=a.cells,
@@ -145,7 +174,6 @@ def main() -> None:
                          shared=a.shared_covariance)
     save_npz(a.out, x, y)
     print(f"wrote {len(y)} images to {a.out}")
-
 
 if __name__ == "__main__":
     main()

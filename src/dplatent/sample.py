@@ -115,30 +115,46 @@ def settings_for(run: TrainedRun, *, guidance: float | None = None, steps: int |
 
 
 @torch.no_grad()
+def draw_latents(run: TrainedRun, num: int, *, seed: int = 0,
+                 settings: SamplingConfig | None = None, labels: np.ndarray | None = None,
+                 progress: bool = True) -> tuple[torch.Tensor, np.ndarray]:
+    """(z [num, D], y) of `num` sampled latents as the decoder receives them (decode noise
+    included), drawn with `settings` (default: the run's)."""
+    if num < 1:
+        raise ConfigError(f"number of samples must be >= 1, got {num}")
+    s, d = settings or run.cfg.sampling, run.cfg.diffusion
+    y = balanced_labels(num, run.num_classes) if labels is None else labels
+    z = sample_latents(run.denoiser, y, dim=int(np.prod(run.autoencoder.latent_shape)),
+                       seed=seed, steps=s.steps, guidance=s.guidance,
+                       null_label=run.num_classes, train_timesteps=d.train_timesteps,
+                       beta_schedule=d.beta_schedule, sampler=s.sampler,
+                       prediction=d.prediction, batch_size=s.batch_size,
+                       temperature=s.temperature, progress=progress)
+    if s.decode_noise > 0:  # per sample (seed, i) like the starting noise, another stream
+        z = z + s.decode_noise * initial_noise(seed, np.arange(len(z)), z.shape[1],
+                                               stream=DECODE_NOISE_STREAM).to(z.device)
+    return z, y
+
+
+@torch.no_grad()
+def decode_latents(run: TrainedRun, z: torch.Tensor, *, sharpness: float,
+                   batch_size: int) -> np.ndarray:
+    """uint8 images [N, H, W] (one channel) or [N, H, W, C] of latents z [N, D]."""
+    shape = run.autoencoder.latent_shape
+    images = [run.autoencoder.decode(z[i:i + batch_size].view(-1, *shape), sharpness)
+              for i in range(0, len(z), batch_size)]
+    x = (torch.cat(images).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return x[:, 0] if x.shape[1] == 1 else x.transpose(0, 2, 3, 1)
+
+
 def generate(run: TrainedRun, num: int, *, seed: int = 0, settings: SamplingConfig | None = None,
              labels: np.ndarray | None = None,
              progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(x uint8, y int64) of `num` decoded samples, drawn with `settings` (default: the run's;
     `settings_for` changes some of them)."""
-    if num < 1:
-        raise ConfigError(f"number of samples must be >= 1, got {num}")
-    s, d = settings or run.cfg.sampling, run.cfg.diffusion
-    y = balanced_labels(num, run.num_classes) if labels is None else labels
-    shape = run.autoencoder.latent_shape
-    z = sample_latents(run.denoiser, y, dim=int(np.prod(shape)), seed=seed, steps=s.steps,
-                       guidance=s.guidance, null_label=run.num_classes,
-                       train_timesteps=d.train_timesteps, beta_schedule=d.beta_schedule,
-                       sampler=s.sampler, prediction=d.prediction, batch_size=s.batch_size,
-                       temperature=s.temperature, progress=progress)
-    if s.decode_noise > 0:  # per sample (seed, i) like the starting noise, another stream
-        z = z + s.decode_noise * initial_noise(seed, np.arange(len(z)), z.shape[1],
-                                               stream=DECODE_NOISE_STREAM).to(z.device)
-    images = []
-    for i in range(0, len(z), s.batch_size):
-        images.append(run.autoencoder.decode(z[i:i + s.batch_size].view(-1, *shape),
-                                             s.sharpness))
-    x = (torch.cat(images).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    x = x[:, 0] if x.shape[1] == 1 else x.transpose(0, 2, 3, 1)
+    s = settings or run.cfg.sampling
+    z, y = draw_latents(run, num, seed=seed, settings=s, labels=labels, progress=progress)
+    x = decode_latents(run, z, sharpness=s.sharpness, batch_size=s.batch_size)
     return x, y.astype(np.int64)
 
 

@@ -175,5 +175,6 @@ def main() -> None:
     save_npz(a.out, x, y)
     print(f"wrote {len(y)} images to {a.out}")
 
+
 if __name__ == "__main__":
     main()

@@ -16,6 +16,16 @@ development information, never published outputs of a run).
                deviation 1): prints the spread of their per-sample means and standard
                deviations; with --out, also decodes them after re-standardising each one
                (moving it back onto that sphere)
+    filter     (reads no private data) latents sampled as the run samples them, more than
+               needed, each scored by the released mixture's posterior of its own class
+               (the cells' Gaussians with covariances scaled by --filter-temperature^2,
+               classes equally likely); a sample is kept when that posterior is at least
+               --threshold, and the first kept ones of each class are decoded
+    cnnfilter  (reads no private data) images sampled as the run samples them, more than
+               needed, split into two halves; the evaluator's CNN trained on each half
+               (selected on a held-out part of it) predicts the other half, a sample is kept
+               when its predicted class is its label, and the first kept ones of each class
+               are written
 
 Each writes a labelled npz (spread only with --out); score it with
 `dplatent evaluate --synthetic NPZ --dataset DS --metrics cnn --seeds 1`. Example:
@@ -35,9 +45,12 @@ import numpy as np
 import torch
 
 from dplatent import data
+from dplatent.data import LabelledImages
 from dplatent.diffusion import gaussian_base as gb
+from dplatent.eval.classifier import (ClassifierConfig, make_model, split_indices,
+                                      to_tensors, train_select)
 from dplatent.models.autoencoder import standardise
-from dplatent.sample import TrainedRun, decode_latents, draw_latents, save_npz
+from dplatent.sample import TrainedRun, decode_latents, draw_latents, generate, save_npz
 from dplatent.train.stages import encode
 
 BATCH = 2000
@@ -69,6 +82,89 @@ def spread(run: TrainedRun, num: int) -> tuple[dict, torch.Tensor, np.ndarray]:
                             "min": std.min().item(), "max": std.max().item()},
              "sample_mean": {"mean": mean.mean().item(), "sd": mean.std().item()}}
     return stats, standardise(flat), y
+
+
+def class_log_likelihoods(run: TrainedRun, z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[N, C]: log density of each latent under each class's released mixture (post-processing
+    of the run's release), the cells' covariances scaled by temperature^2."""
+    base = run.denoiser.base
+    if base is None:
+        raise SystemExit("filter needs a run trained with diffusion.gaussian_base")
+    classes, cells = base.num_classes, base.cells
+    logw = (base.log_cell_weights if cells > 1
+            else torch.zeros(classes, 1)).double()
+    out = torch.empty(len(z), classes, cells, dtype=torch.float64)
+    zd = z.double()
+    for g in range(classes * cells):
+        lam = base.evals[g].double() * temperature ** 2
+        u = (zd - base.means[g].double()) @ base.evecs[g].double()
+        out[:, g // cells, g % cells] = -0.5 * (u * u / lam + lam.log()).sum(1)
+    return torch.logsumexp(out + logw[None], dim=2)
+
+
+def filtered(run: TrainedRun, num: int, *, threshold: float, temperature: float,
+             oversample: float) -> tuple[dict, torch.Tensor, np.ndarray]:
+    """The first num / C latents of each class whose own-class posterior under the release
+    is at least `threshold`, drawn from ceil(num * oversample) samples (sampling seed 0)."""
+    z, y = draw_latents(run, math.ceil(num * oversample), progress=True)
+    ll = class_log_likelihoods(run, z, temperature)
+    post = torch.softmax(ll, dim=1)[torch.arange(len(y)), torch.from_numpy(y)]
+    keep = (post >= threshold).numpy()
+    order, stats = first_kept(y, keep, run.num_classes, num)
+    return {**stats, "threshold": threshold, "temperature": temperature}, z[order], y[order]
+
+
+def first_kept(y: np.ndarray, keep: np.ndarray, classes: int, num: int
+               ) -> tuple[np.ndarray, dict]:
+    """Row indices of the first num / C kept rows of each class, balanced and interleaved
+    like `sample`'s labels, and the kept shares."""
+    per_class = num // classes
+    rows = []
+    for c in range(classes):
+        idx = np.flatnonzero((y == c) & keep)[:per_class]
+        if len(idx) < per_class:
+            raise SystemExit(f"class {c}: only {len(idx)} of {per_class} kept; "
+                             "raise --oversample")
+        rows.append(idx)
+    stats = {"drawn": len(y), "kept_share": float(keep.mean()),
+             "kept_share_per_class": [round(float(keep[y == c].mean()), 4)
+                                      for c in range(classes)]}
+    return np.stack(rows, axis=1).reshape(-1), stats
+
+
+def cross_fit_agreement(x: np.ndarray, y: np.ndarray, num_classes: int, epochs: int
+                        ) -> np.ndarray:
+    """[N] bool: whether a CNN trained on the other half (a random halving) predicts y."""
+    images = LabelledImages(x=x, y=y, num_classes=num_classes, name="synthetic")
+    xt, yt = to_tensors(images)
+    perm = np.random.default_rng(0).permutation(len(y))
+    halves = [np.sort(perm[:len(y) // 2]), np.sort(perm[len(y) // 2:])]
+    agree = np.zeros(len(y), dtype=bool)
+    config = ClassifierConfig(epochs=epochs, seeds=1)
+    for fold, (fit, judge) in enumerate((halves, halves[::-1])):
+        torch.manual_seed(fold)
+        tr, va = split_indices(len(fit), config.val_fraction, np.random.default_rng(fold))
+        model = make_model("cnn", images.channels, images.image_size, num_classes)
+        model, val_acc, _ = train_select(model, (xt[fit[tr]], yt[fit[tr]]),
+                                         (xt[fit[va]], yt[fit[va]]), config, fold)
+        model.eval()
+        with torch.inference_mode():
+            pred = torch.cat([model(xt[judge[i:i + 2048]]).argmax(1)
+                              for i in range(0, len(judge), 2048)])
+        agree[judge] = (pred == yt[judge]).numpy()
+        print(f"fold {fold}: synthetic validation {val_acc:.4f}, "
+              f"agreement {agree[judge].mean():.4f}", flush=True)
+    return agree
+
+
+def cnn_filtered(run: TrainedRun, num: int, *, oversample: float, epochs: int
+                 ) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The first num / C images of each class that the cross-fitted CNN agrees with, from
+    ceil(num * oversample) sampled with the run's settings (sampling seed 0)."""
+    x, y = generate(run, math.ceil(num * oversample), progress=True)
+    keep = cross_fit_agreement(x, y, run.num_classes, epochs)
+    order, stats = first_kept(y, keep, run.num_classes, num)
+    return stats, x[order], y[order]
 
 
 MEANS_ONLY = (0.95, math.sqrt(1 - 0.95 ** 2), 0.0)   # release B with --shared-covariance
@@ -141,7 +237,7 @@ def gaussians(run: TrainedRun, dataset: str, data_dir: str | None, *, sigma: flo
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("recon", "gaussians", "spread"))
+    p.add_argument("what", choices=("recon", "gaussians", "spread", "filter", "cnnfilter"))
     p.add_argument("--run", type=Path, required=True, help="trained run directory")
     p.add_argument("--dataset", help="recon, gaussians: the run's data set")
     p.add_argument("--data-dir", default=None)
@@ -155,9 +251,18 @@ def main() -> None:
                    help="release B: cell means and counts only; cells share their class's "
                         "within-cell covariance")
     p.add_argument("--num", type=int, default=60000)
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="filter: least posterior of a sample's own class")
+    p.add_argument("--filter-temperature", type=float, default=1.0,
+                   help="filter: the release's covariances scaled by its square")
+    p.add_argument("--oversample", type=float, default=1.3,
+                   help="filter, cnnfilter: draw this many times --num")
+    p.add_argument("--epochs", type=int, default=5, help="cnnfilter: CNN epochs per half")
     a = p.parse_args()
-    if a.what != "spread" and (a.dataset is None or a.out is None):
+    if a.what in ("recon", "gaussians") and (a.dataset is None or a.out is None):
         p.error(f"{a.what} needs --dataset and --out")
+    if a.what in ("filter", "cnnfilter") and a.out is None:
+        p.error(f"{a.what} needs --out")
     run = TrainedRun(a.run, device="cpu")
     if a.what == "spread":
         stats, z, y = spread(run, a.num)
@@ -166,6 +271,15 @@ def main() -> None:
             return
         s = run.cfg.sampling
         x = decode_latents(run, z, sharpness=s.sharpness, batch_size=s.batch_size)
+    elif a.what == "filter":
+        stats, z, y = filtered(run, a.num, threshold=a.threshold,
+                               temperature=a.filter_temperature, oversample=a.oversample)
+        print(json.dumps(stats, indent=1))
+        s = run.cfg.sampling
+        x = decode_latents(run, z, sharpness=s.sharpness, batch_size=s.batch_size)
+    elif a.what == "cnnfilter":
+        stats, x, y = cnn_filtered(run, a.num, oversample=a.oversample, epochs=a.epochs)
+        print(json.dumps(stats, indent=1))
     elif a.what == "recon":
         x, y = recon(run, a.dataset, a.data_dir)
     else:

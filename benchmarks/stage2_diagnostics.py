@@ -47,8 +47,8 @@ import torch
 from dplatent import data
 from dplatent.data import LabelledImages
 from dplatent.diffusion import gaussian_base as gb
-from dplatent.eval.classifier import (ClassifierConfig, make_model, split_indices,
-                                      to_tensors, train_select)
+from dplatent.eval.classifier import (ClassifierConfig, make_model, predict,
+                                      split_indices, to_tensors, train_select)
 from dplatent.models.autoencoder import standardise
 from dplatent.sample import TrainedRun, decode_latents, draw_latents, generate, save_npz
 from dplatent.train.stages import encode
@@ -147,11 +147,7 @@ def cross_fit_agreement(x: np.ndarray, y: np.ndarray, num_classes: int, epochs: 
         model = make_model("cnn", images.channels, images.image_size, num_classes)
         model, val_acc, _ = train_select(model, (xt[fit[tr]], yt[fit[tr]]),
                                          (xt[fit[va]], yt[fit[va]]), config, fold)
-        model.eval()
-        with torch.inference_mode():
-            pred = torch.cat([model(xt[judge[i:i + 2048]]).argmax(1)
-                              for i in range(0, len(judge), 2048)])
-        agree[judge] = (pred == yt[judge]).numpy()
+        agree[judge] = (predict(model, xt[judge], 2048) == yt[judge]).numpy()
         print(f"fold {fold}: synthetic validation {val_acc:.4f}, "
               f"agreement {agree[judge].mean():.4f}", flush=True)
     return agree

@@ -150,3 +150,18 @@ def test_first_seed_adds_the_same_seeds_a_longer_run_has():
     assert tail.per_seed == full.per_seed[2:] and tail.best_epoch == full.best_epoch[2:]
     with pytest.raises(ConfigError, match="first classifier seed"):
         ClassifierConfig(first_seed=-1)
+
+
+def test_predict_batches_in_eval_mode_and_accuracy_counts_matches():
+    """Predictions in batches equal the argmax of one pass with dropout off; a batch size that
+    does not divide N keeps every row; accuracy is the share of matching labels."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Dropout(0.9))
+    x = torch.randn(11, 5)
+    model.train()
+    pred = classifier.predict(model, x, batch_size=4)
+    assert not model.training
+    assert torch.equal(pred, model[0](x).argmax(dim=1))
+    y = pred.clone()
+    y[:3] = (y[:3] + 1) % 3
+    assert classifier.accuracy(model, x, y, batch_size=4) == pytest.approx(8 / 11)

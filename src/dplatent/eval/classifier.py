@@ -123,13 +123,16 @@ def split_indices(n: int, val_fraction: float, rng: np.random.Generator) -> tupl
 
 
 @torch.inference_mode()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """[N] predicted classes, in batches, with the model in eval mode and no autograd."""
     model.eval()
-    correct = 0
-    for start in range(0, len(y), batch_size):
-        pred = model(x[start:start + batch_size]).argmax(dim=1)
-        correct += int((pred == y[start:start + batch_size]).sum())
-    return correct / len(y)
+    with torch.inference_mode():
+        return torch.cat([model(x[start:start + batch_size]).argmax(dim=1)
+                          for start in range(0, len(x), batch_size)])
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    return float((predict(model, x, batch_size) == y).float().mean())
 
 
 def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,

@@ -132,7 +132,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
-    return float((predict(model, x, batch_size) == y).float().mean())
+    return int((predict(model, x, batch_size) == y).sum()) / len(y)
 
 
 def train_one_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,

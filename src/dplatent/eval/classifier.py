@@ -126,9 +126,8 @@ def split_indices(n: int, val_fraction: float, rng: np.random.Generator) -> tupl
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """[N] predicted classes, in batches, with the model in eval mode and no autograd."""
     model.eval()
-    with torch.inference_mode():
-        return torch.cat([model(x[start:start + batch_size]).argmax(dim=1)
-                          for start in range(0, len(x), batch_size)])
+    return torch.cat([model(x[start:start + batch_size]).argmax(dim=1)
+                      for start in range(0, len(x), batch_size)])
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:

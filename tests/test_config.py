@@ -74,7 +74,7 @@ def test_overrides_apply_and_are_coerced():
     ({"autoencoder.upsample": "bilinear"},
      "autoencoder.upsample: must be 'nearest' or 'shuffle', got 'bilinear'"),
     ({"diffusion.gaussian_covariance": "exact"},
-     "diffusion.gaussian_covariance: must be 'psd' or 'denoised', got 'exact'"),
+     "diffusion.gaussian_covariance: must be 'psd' or 'denoised' or 'pooled_bulk', got 'exact'"),
     ({"diffusion.prediction": "x0"}, "diffusion.prediction: must be 'v' or 'epsilon', got 'x0'"),
     ({"autoencoder.decoder_blocks": "-1"}, "decoder_blocks must be >= 0"),
     ({"autoencoder.latent_noise": "-0.1"},

@@ -17,7 +17,7 @@ from dplatent.device import check_spec as check_device
 from dplatent.errors import ConfigError
 
 # Estimates of the released class covariances (diffusion/gaussian_base.py)
-GAUSSIAN_COVARIANCES = ("psd", "denoised")
+GAUSSIAN_COVARIANCES = ("psd", "denoised", "pooled_bulk")
 GAUSSIAN_RELEASES = ("equal", "weighted")
 MAX_PARTITION = 6                     # diffusion.gaussian_partition: at most 64 cells
 MAX_TEMPERATURE = 3.0                 # sampling.temperature
@@ -102,8 +102,9 @@ class DiffusionConfig:
     # Start from the exact denoiser of DP class Gaussians of the latents (one Gaussian
     # mechanism, privacy.gaussian_share of the budget) and learn only the correction.
     gaussian_base: bool = False
-    # How the released class covariances are estimated: 'psd' (projection) or 'denoised'
-    # (uses the public noise std; diffusion/gaussian_base.py)
+    # How the released class covariances are estimated: 'psd' (projection), 'denoised'
+    # (uses the public noise std) or 'pooled_bulk' (as 'denoised', the directions below the
+    # noise edge shaped like the pooled covariance; diffusion/gaussian_base.py)
     gaussian_covariance: str = "psd"
     # How the release's noise is shared between the class means and the covariances: 'equal'
     # or 'weighted' (less on the covariances; diffusion/gaussian_base.py). Same epsilon.

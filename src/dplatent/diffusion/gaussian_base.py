@@ -27,6 +27,11 @@ Covariances from the noisy sums (post-processing, `covariance=`):
              debiased as spikes of a Wigner matrix (observed = true + v D / true); every other
              direction gets the variance the trace leaves over (the trace is unbiased). With
              'psd', those directions collapse to the floor although the data vary there.
+  'pooled_bulk' as 'denoised', but the directions below a group's noise edge share the
+             trace's rest in the shape of the pooled bulk (the count-weighted mean of every
+             group's covariance less its own spikes, about sqrt(groups) less noisy than one
+             group's) instead of equally: the small directions keep the spread the pooled
+             estimate sees among them.
 
 Per-class mixtures (`release_partitioned`, diffusion.gaussian_partition = B > 0): one Gaussian
 per class misses the shape of a class (MNIST's sevens with and without a bar). Two releases:
@@ -185,8 +190,10 @@ def gaussians(sums: NoisySums, covariance: str = "psd",
     raw = second - torch.einsum("ci,cj->cij", means, means)
     if covariance == "psd":
         covs = psd(raw)
-    else:
+    elif covariance == "denoised":
         covs = denoised(raw, covariance_noise_std(sums))
+    else:
+        covs = pooled_bulk(raw, covariance_noise_std(sums), count[:, 0])
     share = (cell_weights(sums, cells_per_class) / (len(means) // cells_per_class)).flatten()
     mix_mean = share @ means
     mix_second = torch.einsum("m,mij->ij", share,
@@ -211,25 +218,58 @@ def covariance_noise_std(sums: NoisySums) -> torch.Tensor:
     return sums.noise_std / sums.weights[2] * sums.radius ** 2 / class_counts(sums)
 
 
-def denoised(raw: torch.Tensor, entry_std: torch.Tensor) -> torch.Tensor:
-    """Covariances [C, D, D] from noisy symmetric ones: `entry_std` [C] is the std of the
-    noise on each entry before symmetrising, so off-diagonal noise has variance v = std^2 / 2
-    and the noise's eigenvalues fill [-2 sqrt(v D), 2 sqrt(v D)] (semicircle law; the
-    largest one fluctuates by about D^(-2/3) of that edge, so the edge is taken 2 D^(-2/3)
-    higher). An eigenvalue l above the edge is a spike of true size
-    (l + sqrt(l^2 - 4 v D)) / 2; the other directions share the rest of the trace equally (at
-    least EIG_FLOOR). The noise on the means' outer product (std ~ sigma R / (w_1 count)) is
-    ignored."""
+def spikes(raw: torch.Tensor, entry_std: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The eigen-analysis behind 'denoised' and 'pooled_bulk': `entry_std` [C] is the std of
+    the noise on each entry before symmetrising, so off-diagonal noise has variance
+    v = std^2 / 2 and the noise's eigenvalues fill [-2 sqrt(v D), 2 sqrt(v D)] (semicircle
+    law; the largest one fluctuates by about D^(-2/3) of that edge, so the edge is taken
+    2 D^(-2/3) higher). An eigenvalue l above the edge is a spike of true size
+    (l + sqrt(l^2 - 4 v D)) / 2. Returns the observed eigenvalues [C, D] and eigenvectors
+    [C, D, D], each direction's spike size (0 where it is not one) [C, D], and the variance
+    the trace leaves to the other directions in all [C] (the trace is unbiased)."""
     d = raw.shape[-1]
     vd = (entry_std.to(raw.dtype) ** 2 / 2 * d)[:, None]
     evals, evecs = torch.linalg.eigh(raw)
     spike = evals > 2 * vd.sqrt() * (1 + 2 * d ** (-2 / 3))
     true = (evals + (evals ** 2 - 4 * vd).clamp_min(0).sqrt()) / 2
     kept = torch.where(spike, true, torch.zeros_like(true))
-    rest = ((torch.diagonal(raw, dim1=-2, dim2=-1).sum(-1) - kept.sum(-1))
-            / (d - spike.sum(-1)).clamp_min(1))
-    evals = torch.where(spike, true, rest[:, None]).clamp_min(EIG_FLOOR)
+    left = torch.diagonal(raw, dim1=-2, dim2=-1).sum(-1) - kept.sum(-1)
+    return evals, evecs, kept, left
+
+
+def denoised(raw: torch.Tensor, entry_std: torch.Tensor) -> torch.Tensor:
+    """Covariances [C, D, D] from noisy symmetric ones (`spikes`): the spikes, debiased, and
+    every other direction an equal share of the variance the trace leaves (at least
+    EIG_FLOOR). The noise on the means' outer product (std ~ sigma R / (w_1 count)) is
+    ignored."""
+    _, evecs, kept, left = spikes(raw, entry_std)
+    rest = left / ((kept == 0).sum(-1)).clamp_min(1)
+    evals = torch.where(kept > 0, kept, rest[:, None]).clamp_min(EIG_FLOOR)
     return evecs @ torch.diag_embed(evals) @ evecs.transpose(-1, -2)
+
+
+def pooled_bulk(raw: torch.Tensor, entry_std: torch.Tensor, count: torch.Tensor
+                ) -> torch.Tensor:
+    """Covariances [C, D, D] like 'denoised', except that the directions below the noise edge
+    share the variance the trace leaves in the shape of the pooled bulk instead of equally.
+    The pooled bulk is the count-weighted mean over the C groups of each noisy covariance
+    less its own spikes (as observed), so its noise std is sqrt(sum_c (count_c / n)^2
+    std_c^2), about sqrt(C) smaller than one group's; it is itself 'denoised'. For group c
+    with spike directions U_c, the bulk is Q_c P Q_c (Q_c = I - U_c U_c^T, P the pooled
+    estimate) scaled to the trace left. One group's noise edge hides its small directions;
+    the pooled bulk still shows how the variance spreads among them."""
+    evals, evecs, kept, left = spikes(raw, entry_std)
+    spiked = evals * (kept > 0)
+    residual = raw - evecs @ torch.diag_embed(spiked) @ evecs.transpose(-1, -2)
+    w = (count / count.sum()).to(raw.dtype)
+    pooled_std = (w ** 2 * entry_std.to(raw.dtype) ** 2).sum().sqrt()
+    shape = denoised(torch.einsum("c,cij->ij", w, residual)[None], pooled_std[None])[0]
+    u = evecs * (kept > 0)[:, None, :]              # spike directions, zero columns elsewhere
+    q = torch.eye(raw.shape[-1], dtype=raw.dtype) - u @ u.transpose(-1, -2)
+    bulk = q @ shape @ q
+    scale = left.clamp_min(0) / torch.diagonal(bulk, dim1=-2, dim2=-1).sum(-1).clamp_min(1e-12)
+    return psd(u @ torch.diag_embed(kept) @ u.transpose(-1, -2) + scale[:, None, None] * bulk)
 
 
 def psd(m: torch.Tensor) -> torch.Tensor:

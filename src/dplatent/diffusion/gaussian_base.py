@@ -260,12 +260,11 @@ def pooled_bulk(raw: torch.Tensor, entry_std: torch.Tensor, count: torch.Tensor
     estimate) scaled to the trace left. One group's noise edge hides its small directions;
     the pooled bulk still shows how the variance spreads among them."""
     evals, evecs, kept, left = spikes(raw, entry_std)
-    spiked = evals * (kept > 0)
-    residual = raw - evecs @ torch.diag_embed(spiked) @ evecs.transpose(-1, -2)
+    u = evecs * (kept > 0)[:, None, :]              # spike directions, zero columns elsewhere
+    residual = raw - u @ torch.diag_embed(evals) @ u.transpose(-1, -2)
     w = (count / count.sum()).to(raw.dtype)
     pooled_std = (w ** 2 * entry_std.to(raw.dtype) ** 2).sum().sqrt()
     shape = denoised(torch.einsum("c,cij->ij", w, residual)[None], pooled_std[None])[0]
-    u = evecs * (kept > 0)[:, None, :]              # spike directions, zero columns elsewhere
     q = torch.eye(raw.shape[-1], dtype=raw.dtype) - u @ u.transpose(-1, -2)
     bulk = q @ shape @ q
     scale = left.clamp_min(0) / torch.diagonal(bulk, dim1=-2, dim2=-1).sum(-1).clamp_min(1e-12)

@@ -266,13 +266,15 @@ def main() -> None:
         if a.out is None:
             return
         s = run.cfg.sampling
-        x = decode_latents(run, z, sharpness=s.sharpness, batch_size=s.batch_size)
+        x = decode_latents(run, z, sharpness=s.sharpness, batch_size=s.batch_size,
+                           reencode=s.reencode)
     elif a.what == "filter":
         stats, z, y = filtered(run, a.num, threshold=a.threshold,
                                temperature=a.filter_temperature, oversample=a.oversample)
         print(json.dumps(stats, indent=1))
         s = run.cfg.sampling
-        x = decode_latents(run, z, sharpness=s.sharpness, batch_size=s.batch_size)
+        x = decode_latents(run, z, sharpness=s.sharpness, batch_size=s.batch_size,
+                           reencode=s.reencode)
     elif a.what == "cnnfilter":
         stats, x, y = cnn_filtered(run, a.num, oversample=a.oversample, epochs=a.epochs)
         print(json.dumps(stats, indent=1))

@@ -347,6 +347,38 @@ def test_decode_noise_is_recorded_and_changes_the_images(tiny_run, tmp_path, mon
     assert not np.array_equal(without, with_)
 
 
+def test_reencode_passes_each_decoded_image_through_the_autoencoder_again(tiny_run):
+    from dplatent.sample import TrainedRun, draw_latents, generate, settings_for
+    run = TrainedRun(tiny_run)
+    ae, settings = run.autoencoder, settings_for(run, reencode=2, sharpness=1.5)
+    x, _ = generate(run, 7, seed=3, settings=settings, progress=False)
+    z, _ = draw_latents(run, 7, seed=3, settings=settings, progress=False)
+    with torch.no_grad():
+        once = ae.decode(z.view(-1, *ae.latent_shape), 1.5)
+        twice = ae.decode(ae.encode(ae.decode(ae.encode(once), 1.5)), 1.5)
+    expected = (twice.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0].numpy()
+    np.testing.assert_array_equal(x, expected)
+    plain, _ = generate(run, 7, seed=3, settings=settings_for(run, sharpness=1.5),
+                        progress=False)
+    np.testing.assert_array_equal(plain, (once.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0]
+                                  .numpy())
+    assert not np.array_equal(plain, x)
+
+
+@pytest.mark.parametrize("value", ["-1", "11"])
+def test_sample_refuses_reencode_outside_its_range(value, tiny_run, tmp_path, monkeypatch,
+                                                   capsys):
+    out = tmp_path / "s.npz"
+    code, _, err = run_main(["sample", "--run", str(tiny_run), "--num", "10", "--out", str(out),
+                             "--reencode", value, "--no-progress"], monkeypatch, capsys)
+    assert_one_line_error(code, err, f"reencode must be in [0, 10], got {value}")
+    assert not out.exists()
+
+
+def test_reencode_is_recorded(tiny_run, tmp_path, monkeypatch, capsys):
+    sample_recorded(tiny_run, tmp_path, "reencode", "1", monkeypatch, capsys)
+
+
 def test_settings_for_puts_only_the_given_settings_in_the_runs_place(tiny_run):
     from dplatent.sample import TrainedRun, settings_for
     run = TrainedRun(tiny_run)

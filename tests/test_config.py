@@ -88,6 +88,7 @@ def test_overrides_apply_and_are_coerced():
     ({"sampling.guidance": "inf"}, r"sampling.guidance must be >= 0 and finite, got inf"),
     ({"sampling.steps": "0"}, r"sampling.steps must be >= 1, got 0"),
     ({"sampling.temperature": "3.5"}, r"sampling.temperature must be in \(0, 3\], got 3.5"),
+    ({"sampling.reencode": "11"}, r"sampling.reencode must be in \[0, 10\], got 11"),
     ({"threads": "-1"}, "threads"),
 ])
 def test_bad_overrides_are_config_errors_naming_the_problem(overrides, message):

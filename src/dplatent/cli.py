@@ -219,6 +219,9 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
            decode_noise: Annotated[Optional[float], typer.Option(
                help="standard deviation of Gaussian noise added to each sampled latent before "
                "decoding (default from the run)")] = None,
+           reencode: Annotated[Optional[int], typer.Option(
+               help="encode and decode each decoded image again this many times: moves it "
+               "toward what the autoencoder reconstructs (default from the run)")] = None,
            progress: Annotated[bool, typer.Option(help="show progress bars")] = True):
     """Draw labelled synthetic images from a trained run (no privacy cost)."""
     import time
@@ -235,7 +238,8 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
     if control:
         typer.echo(NOT_PRIVATE_BANNER, err=True)
     settings = settings_for(trained, guidance=guidance, steps=steps, sharpness=sharpness,
-                            temperature=temperature, decode_noise=decode_noise)
+                            temperature=temperature, decode_noise=decode_noise,
+                            reencode=reencode)
     x, y = generate(trained, num, seed=seed, settings=settings, progress=progress)
     info = {"seed": seed, **{k: getattr(settings, k) for k in SETTINGS_RECORDED},
             "run_fingerprint": run_fingerprint(run), **_privacy_info(trained)}

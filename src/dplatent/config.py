@@ -22,6 +22,7 @@ GAUSSIAN_RELEASES = ("equal", "weighted")
 MAX_PARTITION = 6                     # diffusion.gaussian_partition: at most 64 cells
 MAX_TEMPERATURE = 3.0                 # sampling.temperature
 MAX_DECODE_NOISE = 3.0                # sampling.decode_noise (the latent has unit variance)
+MAX_REENCODE = 10                     # sampling.reencode (passes through the autoencoder)
 UPSAMPLING = ("nearest", "shuffle")   # autoencoder.upsample
 PREDICTIONS = ("v", "epsilon")        # diffusion.prediction
 
@@ -192,9 +193,15 @@ class SamplingConfig:
     # decoder trained on noisy latents (autoencoder.latent_noise), a draw from the
     # neighbourhood it learned to decode; 0 = decode the sampled latent itself
     decode_noise: float = 0.0
+    # each decoded image is encoded and decoded again this many times (at `sharpness`): the
+    # DP-trained autoencoder moves a sample toward what it reconstructs (sample.py,
+    # decode_latents); 0 = the decoded sample itself
+    reencode: int = 0
 
     def __post_init__(self) -> None:
         _check(self.sampler in ("ddim", "dpm"), f"sampling.sampler: unknown {self.sampler!r}")
+        _check(0 <= self.reencode <= MAX_REENCODE,
+               f"sampling.reencode must be in [0, {MAX_REENCODE}], got {self.reencode}")
         _check(0 <= self.decode_noise <= MAX_DECODE_NOISE,
                f"sampling.decode_noise must be in [0, {MAX_DECODE_NOISE:g}], "
                f"got {self.decode_noise}")

@@ -99,17 +99,18 @@ def balanced_labels(num: int, num_classes: int) -> np.ndarray:
 DECODE_NOISE_STREAM = 1
 
 # the sampling settings an npz's info records (with the seed)
-SETTINGS_RECORDED = ("guidance", "steps", "sampler", "sharpness", "temperature", "decode_noise")
+SETTINGS_RECORDED = ("guidance", "steps", "sampler", "sharpness", "temperature", "decode_noise",
+                     "reencode")
 
 
 def settings_for(run: TrainedRun, *, guidance: float | None = None, steps: int | None = None,
                  sampler: str | None = None, sharpness: float | None = None,
-                 temperature: float | None = None,
-                 decode_noise: float | None = None) -> SamplingConfig:
+                 temperature: float | None = None, decode_noise: float | None = None,
+                 reencode: int | None = None) -> SamplingConfig:
     """The run's sampling settings, each one given here (not None) put in its place; the
     result validates itself (ConfigError naming the setting and the value given)."""
     given = dict(guidance=guidance, steps=steps, sampler=sampler, sharpness=sharpness,
-                 temperature=temperature, decode_noise=decode_noise)
+                 temperature=temperature, decode_noise=decode_noise, reencode=reencode)
     return dataclasses.replace(run.cfg.sampling,
                                **{k: v for k, v in given.items() if v is not None})
 
@@ -137,12 +138,21 @@ def draw_latents(run: TrainedRun, num: int, *, seed: int = 0,
 
 
 @torch.no_grad()
-def decode_latents(run: TrainedRun, z: torch.Tensor, *, sharpness: float,
-                   batch_size: int) -> np.ndarray:
-    """uint8 images [N, H, W] (one channel) or [N, H, W, C] of latents z [N, D]."""
-    shape = run.autoencoder.latent_shape
-    images = [run.autoencoder.decode(z[i:i + batch_size].view(-1, *shape), sharpness)
-              for i in range(0, len(z), batch_size)]
+def decode_latents(run: TrainedRun, z: torch.Tensor, *, sharpness: float, batch_size: int,
+                   reencode: int = 0) -> np.ndarray:
+    """uint8 images [N, H, W] (one channel) or [N, H, W, C] of latents z [N, D]. With
+    `reencode` k, each decoded image goes k more times through the autoencoder (encoded,
+    decoded at `sharpness`): a sampled latent that lies off what the encoder produces decodes
+    to a blend; encoding that image finds the latent the encoder gives such an image, and its
+    decoding is nearer to what the autoencoder reconstructs. Post-processing by the DP-trained
+    models, no privacy cost."""
+    ae, shape = run.autoencoder, run.autoencoder.latent_shape
+    images = []
+    for i in range(0, len(z), batch_size):
+        x = ae.decode(z[i:i + batch_size].view(-1, *shape), sharpness)
+        for _ in range(reencode):
+            x = ae.decode(ae.encode(x), sharpness)
+        images.append(x)
     x = (torch.cat(images).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     return x[:, 0] if x.shape[1] == 1 else x.transpose(0, 2, 3, 1)
 
@@ -154,7 +164,8 @@ def generate(run: TrainedRun, num: int, *, seed: int = 0, settings: SamplingConf
     `settings_for` changes some of them)."""
     s = settings or run.cfg.sampling
     z, y = draw_latents(run, num, seed=seed, settings=s, labels=labels, progress=progress)
-    x = decode_latents(run, z, sharpness=s.sharpness, batch_size=s.batch_size)
+    x = decode_latents(run, z, sharpness=s.sharpness, batch_size=s.batch_size,
+                       reencode=s.reencode)
     return x, y.astype(np.int64)
 
 

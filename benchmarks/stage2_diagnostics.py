@@ -10,7 +10,9 @@ development information, never published outputs of a run).
                (2^B cells per class), release B the cells' moments (gaussian_base.partition and
                cell_of, as diffusion.gaussian_partition does), with B's sigma chosen
                so that the two compose to --sigma (1/sigma^2 = 1/sA^2 + 1/sB^2). Latents are
-               drawn from the Gaussians alone (no DP-trained correction) and decoded.
+               drawn from the Gaussians alone (no DP-trained correction) and decoded;
+               --temperature scales each draw's offset from its cell mean, --sharpness
+               (also for recon) the decoder's logits, as `sample` does
     spread     (reads no private data) sampled latents, drawn as the run samples them, against
                the sphere the encoder puts every latent on (per-sample mean 0, standard
                deviation 1): prints the spread of their per-sample means and standard
@@ -56,18 +58,20 @@ from dplatent.train.stages import encode
 BATCH = 2000
 
 
-def decode(run: TrainedRun, z: torch.Tensor) -> np.ndarray:
+def decode(run: TrainedRun, z: torch.Tensor, sharpness: float = 1.0) -> np.ndarray:
     with torch.no_grad():
-        x = run.autoencoder.decode(z.float().view(-1, *run.autoencoder.latent_shape))
+        x = run.autoencoder.decode(z.float().view(-1, *run.autoencoder.latent_shape), sharpness)
     return (x.clamp(0, 1)[:, 0].numpy() * 255).round().astype(np.uint8)
 
 
-def recon(run: TrainedRun, dataset: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+def recon(run: TrainedRun, dataset: str, data_dir: str | None,
+          sharpness: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     train = data.load(dataset, "train", data_dir)
     x = torch.from_numpy(train.to_float())
     ae = run.autoencoder.eval()
     with torch.no_grad():
-        parts = [decode(run, ae.encode(x[i:i + BATCH])) for i in range(0, len(x), BATCH)]
+        parts = [decode(run, ae.encode(x[i:i + BATCH]), sharpness)
+                 for i in range(0, len(x), BATCH)]
     return np.concatenate(parts), train.y.astype(np.int64)
 
 
@@ -185,7 +189,7 @@ def shared_within(first: gb.NoisySums, sums: gb.NoisySums, per_class: int
 
 def gaussians(run: TrainedRun, dataset: str, data_dir: str | None, *, sigma: float,
               cells: int | None, partition_sigma: float, weights: str, num: int,
-              shared: bool = False):
+              shared: bool = False, temperature: float = 1.0, sharpness: float = 1.0):
     """cells None: one release at `sigma`; cells B >= 0: two releases composing to `sigma`
     (B = 0 keeps one cell per class: release B alone, at its share of the noise)."""
     train = data.load(dataset, "train", data_dir)
@@ -225,9 +229,9 @@ def gaussians(run: TrainedRun, dataset: str, data_dir: str | None, *, sigma: flo
     parts = []
     for i in range(0, num, BATCH):
         lb = draw[i:i + BATCH]
-        e = torch.randn(len(lb), z.shape[1], generator=g, dtype=torch.float64)
+        e = temperature * torch.randn(len(lb), z.shape[1], generator=g, dtype=torch.float64)
         scaled = evecs[lb] * evals[lb].clamp_min(gb.EIG_FLOOR).sqrt()[:, None, :]
-        parts.append(decode(run, means[lb] + torch.einsum("nij,nj->ni", scaled, e)))
+        parts.append(decode(run, means[lb] + torch.einsum("nij,nj->ni", scaled, e), sharpness))
     return np.concatenate(parts), ys.numpy()
 
 
@@ -247,6 +251,10 @@ def main() -> None:
                    help="release B: cell means and counts only; cells share their class's "
                         "within-cell covariance")
     p.add_argument("--num", type=int, default=60000)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="gaussians: each draw's offset from its cell mean scaled by this")
+    p.add_argument("--sharpness", type=float, default=1.0,
+                   help="recon, gaussians: images decoded at this sharpness")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="filter: least posterior of a sample's own class")
     p.add_argument("--filter-temperature", type=float, default=1.0,
@@ -279,11 +287,12 @@ def main() -> None:
         stats, x, y = cnn_filtered(run, a.num, oversample=a.oversample, epochs=a.epochs)
         print(json.dumps(stats, indent=1))
     elif a.what == "recon":
-        x, y = recon(run, a.dataset, a.data_dir)
+        x, y = recon(run, a.dataset, a.data_dir, a.sharpness)
     else:
         x, y = gaussians(run, a.dataset, a.data_dir, sigma=a.sigma, cells=a.cells,
                          partition_sigma=a.partition_sigma, weights=a.weights, num=a.num,
-                         shared=a.shared_covariance)
+                         shared=a.shared_covariance, temperature=a.temperature,
+                         sharpness=a.sharpness)
     save_npz(a.out, x, y)
     print(f"wrote {len(y)} images to {a.out}")
 

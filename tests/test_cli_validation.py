@@ -330,13 +330,18 @@ def test_decode_noise_moves_each_latent_by_its_own_draw_before_decoding(tiny_run
     torch.testing.assert_close(batched, noisy)       # sample i's draw whatever its batch
 
 
-@pytest.mark.parametrize("value", ["-0.1", "3.5", "nan"])
-def test_sample_refuses_decode_noise_outside_its_range(value, tiny_run, tmp_path, monkeypatch,
-                                                       capsys):
+@pytest.mark.parametrize("option,value,message",
+                         [("decode-noise", v, f"decode_noise must be in [0, 3], got {float(v)}")
+                          for v in ("-0.1", "3.5", "nan")]
+                         + [("reencode", v, f"reencode must be in [0, 10], got {v}")
+                            for v in ("-1", "11")])
+def test_sample_refuses_decode_noise_or_reencode_outside_its_range(option, value, message,
+                                                                   tiny_run, tmp_path,
+                                                                   monkeypatch, capsys):
     out = tmp_path / "s.npz"
     code, _, err = run_main(["sample", "--run", str(tiny_run), "--num", "10", "--out", str(out),
-                             "--decode-noise", value, "--no-progress"], monkeypatch, capsys)
-    assert_one_line_error(code, err, f"decode_noise must be in [0, 3], got {float(value)}")
+                             f"--{option}", value, "--no-progress"], monkeypatch, capsys)
+    assert_one_line_error(code, err, message)
     assert not out.exists()
 
 
@@ -363,16 +368,6 @@ def test_reencode_passes_each_decoded_image_through_the_autoencoder_again(tiny_r
     np.testing.assert_array_equal(plain, (once.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0]
                                   .numpy())
     assert not np.array_equal(plain, x)
-
-
-@pytest.mark.parametrize("value", ["-1", "11"])
-def test_sample_refuses_reencode_outside_its_range(value, tiny_run, tmp_path, monkeypatch,
-                                                   capsys):
-    out = tmp_path / "s.npz"
-    code, _, err = run_main(["sample", "--run", str(tiny_run), "--num", "10", "--out", str(out),
-                             "--reencode", value, "--no-progress"], monkeypatch, capsys)
-    assert_one_line_error(code, err, f"reencode must be in [0, 10], got {value}")
-    assert not out.exists()
 
 
 def test_reencode_is_recorded(tiny_run, tmp_path, monkeypatch, capsys):

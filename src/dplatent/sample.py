@@ -30,7 +30,8 @@ from dplatent.train.stages import build_autoencoder, build_denoiser  # noqa: E40
 
 
 class TrainedRun:
-    """The published part of a run: decoder and EMA denoiser (and the resolved config).
+    """The published part of a run: the DP-trained autoencoder (its decoder; its encoder too for
+    `sampling.reencode`), the EMA denoiser and the resolved config.
 
     `device`: where the models run (auto, cpu, cuda, cuda:N or a torch.device); None takes the
     run's configured device (auto unless it was trained with --device)."""

@@ -58,21 +58,12 @@ from dplatent.train.stages import encode
 BATCH = 2000
 
 
-def decode(run: TrainedRun, z: torch.Tensor, sharpness: float = 1.0) -> np.ndarray:
-    with torch.no_grad():
-        x = run.autoencoder.decode(z.float().view(-1, *run.autoencoder.latent_shape), sharpness)
-    return (x.clamp(0, 1)[:, 0].numpy() * 255).round().astype(np.uint8)
-
-
 def recon(run: TrainedRun, dataset: str, data_dir: str | None,
           sharpness: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     train = data.load(dataset, "train", data_dir)
-    x = torch.from_numpy(train.to_float())
-    ae = run.autoencoder.eval()
     with torch.no_grad():
-        parts = [decode(run, ae.encode(x[i:i + BATCH]), sharpness)
-                 for i in range(0, len(x), BATCH)]
-    return np.concatenate(parts), train.y.astype(np.int64)
+        z = encode(run.autoencoder.eval(), torch.from_numpy(train.to_float()), BATCH)
+    return decode_latents(run, z, sharpness=sharpness, batch_size=BATCH), train.y.astype(np.int64)
 
 
 def spread(run: TrainedRun, num: int) -> tuple[dict, torch.Tensor, np.ndarray]:
@@ -231,7 +222,8 @@ def gaussians(run: TrainedRun, dataset: str, data_dir: str | None, *, sigma: flo
         lb = draw[i:i + BATCH]
         e = temperature * torch.randn(len(lb), z.shape[1], generator=g, dtype=torch.float64)
         scaled = evecs[lb] * evals[lb].clamp_min(gb.EIG_FLOOR).sqrt()[:, None, :]
-        parts.append(decode(run, means[lb] + torch.einsum("nij,nj->ni", scaled, e), sharpness))
+        z_lb = (means[lb] + torch.einsum("nij,nj->ni", scaled, e)).float()
+        parts.append(decode_latents(run, z_lb, sharpness=sharpness, batch_size=BATCH))
     return np.concatenate(parts), ys.numpy()
 
 

@@ -361,12 +361,13 @@ def test_reencode_passes_each_decoded_image_through_the_autoencoder_again(tiny_r
     with torch.no_grad():
         once = ae.decode(z.view(-1, *ae.latent_shape), 1.5)
         twice = ae.decode(ae.encode(ae.decode(ae.encode(once), 1.5)), 1.5)
-    expected = (twice.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0].numpy()
-    np.testing.assert_array_equal(x, expected)
+
+    def uint8(images: torch.Tensor) -> np.ndarray:
+        return (images.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0].numpy()
+    np.testing.assert_array_equal(x, uint8(twice))
     plain, _ = generate(run, 7, seed=3, settings=settings_for(run, sharpness=1.5),
                         progress=False)
-    np.testing.assert_array_equal(plain, (once.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0]
-                                  .numpy())
+    np.testing.assert_array_equal(plain, uint8(once))
     assert not np.array_equal(plain, x)
 
 

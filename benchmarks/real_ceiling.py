@@ -56,12 +56,14 @@ def write_markdown(results: list[dict]) -> None:
 
 def merge(previous: dict, new: dict) -> dict:
     """A data set measured again for other metrics keeps the earlier metrics; the record lists
-    every command that contributed, and the wall times add up."""
+    every command and every date that contributed, and the wall times add up."""
     merged = {**previous, **{k: v for k, v in new.items() if v is not None}}
     merged["wall_s"] = previous["wall_s"] + new["wall_s"]
     merged["peak_rss_mb"] = max(previous["peak_rss_mb"], new["peak_rss_mb"])
     if new["command"] not in previous["command"]:
         merged["command"] = f"{previous['command']}; {new['command']}"
+    if new["date"] not in previous["date"]:
+        merged["date"] = f"{previous['date']}, {new['date']}"
     return merged
 
 

@@ -140,16 +140,11 @@ def main() -> None:
     p.add_argument("--sharpness", type=float, nargs="+", default=[1.0, 1.5])
     p.add_argument("--fid-samples", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--markdown-only", action="store_true")
+    records.add_run_options(p)
     args = p.parse_args()
     if args.label is None and not args.markdown_only:
         p.error("--label is required (the name of this shape in the table)")
-    args.shown = [a for a in sys.argv[1:] if a not in ("--force", "--no-progress")]
-    if "--data-dir" in args.shown:  # never record a machine path
-        args.shown[args.shown.index("--data-dir") + 1] = "DIR"
+    args.shown = records.shown_args(sys.argv[1:], drop=("--force", "--no-progress"))
     results = records.load(RESULTS)
     if not args.markdown_only:
         for dataset in args.datasets:

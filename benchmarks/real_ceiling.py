@@ -96,15 +96,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--cnn-epochs", type=int, default=None, help="default: the evaluator's")
     p.add_argument("--fid-samples", type=int, default=10_000)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--markdown-only", action="store_true")
+    records.add_run_options(p)
     args = p.parse_args()
-    args.shown = [a for a in sys.argv[1:] if a != "--force"]
-    if "--data-dir" in args.shown:  # never record a machine path
-        i = args.shown.index("--data-dir")
-        args.shown[i + 1] = "DIR"
+    args.shown = records.shown_args(sys.argv[1:], drop=("--force",))
     results = records.load(RESULTS)
     if not args.markdown_only:
         for dataset in args.datasets:

@@ -36,6 +36,24 @@ def save(path: Path, records: list[dict]) -> None:
     _write_atomic(path, json.dumps(records, indent=2) + "\n")
 
 
+def add_run_options(parser) -> None:
+    """The options every resumable benchmark script shares."""
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--force", action="store_true", help="measure again what has a record")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--markdown-only", action="store_true",
+                        help="only rewrite the BENCHMARKS.md section from the records")
+
+
+def shown_args(argv: list[str], drop: tuple[str, ...]) -> list[str]:
+    """The arguments a record shows as its command: without the flags in `drop`, and with the
+    value of --data-dir replaced by DIR (a record never holds a machine path)."""
+    shown = [a for a in argv if a not in drop]
+    if "--data-dir" in shown:
+        shown[shown.index("--data-dir") + 1] = "DIR"
+    return shown
+
+
 def write_section(name: str, body: str, heading: str) -> None:
     """Replace the text between `<!-- name:begin -->` and `<!-- name:end -->` in BENCHMARKS.md
     with `body`; where the markers are missing, append `heading` and a new marked section."""

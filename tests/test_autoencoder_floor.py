@@ -66,3 +66,11 @@ def test_table_has_a_row_per_record_with_each_sharpness_fid():
     assert len(rows) == 2
     assert "1: 23.1, 1.5: 18.1 (2000)" in rows[0] and "(98-d)" in rows[0]
     assert "`python benchmarks/autoencoder_floor.py --label full`" in text
+
+
+def test_a_records_command_drops_the_run_flags_and_hides_the_data_folder():
+    import records
+    argv = ["--label", "full", "--data-dir", "/some/where", "--force", "--no-progress"]
+    assert records.shown_args(argv, drop=("--force", "--no-progress")) == [
+        "--label", "full", "--data-dir", "DIR"]
+    assert records.shown_args(argv, drop=("--force",))[-1] == "--no-progress"

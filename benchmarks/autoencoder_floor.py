@@ -28,19 +28,15 @@ from tqdm import tqdm
 
 import records
 from dplatent import data
-from dplatent.config import AutoencoderConfig
+from dplatent.config import AutoencoderConfig, RunConfig
 from dplatent.eval.evaluate import evaluate
 from dplatent.models.autoencoder import Autoencoder, reconstruction_loss
 from dplatent.runtime import peak_rss_mb
+from dplatent.sample import to_uint8_images
+from dplatent.train.stages import build_autoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "autoencoder_floor.json"
-
-
-def build(shape: AutoencoderConfig, images: data.LabelledImages) -> Autoencoder:
-    return Autoencoder(in_channels=images.channels, image_size=images.image_size,
-                       channels=shape.channels, latent_channels=shape.latent_channels,
-                       decoder_blocks=shape.decoder_blocks, upsample=shape.upsample)
 
 
 def train(ae: Autoencoder, x: torch.Tensor, *, epochs: int, batch_size: int, lr: float,
@@ -67,9 +63,7 @@ def reconstruct(ae: Autoencoder, x: torch.Tensor, sharpness: float) -> np.ndarra
     """uint8 images [N, H, W] (one channel) or [N, H, W, C]."""
     ae.eval()
     with torch.no_grad():
-        img = ae.decode(ae.encode(x), sharpness)
-    img = (img.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    return img[:, 0] if img.shape[1] == 1 else img.transpose(0, 2, 3, 1)
+        return to_uint8_images(ae.decode(ae.encode(x), sharpness))
 
 
 def table(results: list[dict]) -> str:
@@ -94,7 +88,7 @@ def run_one(args, dataset: str) -> dict:
                               latent_noise=args.latent_noise)
     real = data.load(dataset, "train", args.data_dir)
     x = torch.from_numpy(real.to_float())
-    ae = build(shape, real)
+    ae = build_autoencoder(RunConfig(autoencoder=shape), real.channels, real.image_size)
     t = time.time()
     loss = train(ae, x, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                  latent_noise=args.latent_noise, seed=args.seed, progress=not args.no_progress)

@@ -154,7 +154,12 @@ def decode_latents(run: TrainedRun, z: torch.Tensor, *, sharpness: float, batch_
         for _ in range(reencode):
             x = ae.decode(ae.encode(x), sharpness)
         images.append(x)
-    x = (torch.cat(images).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return to_uint8_images(torch.cat(images))
+
+
+def to_uint8_images(x: torch.Tensor) -> np.ndarray:
+    """Images [N, C, H, W] in [0, 1] as uint8 [N, H, W] (one channel) or [N, H, W, C]."""
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     return x[:, 0] if x.shape[1] == 1 else x.transpose(0, 2, 3, 1)
 
 

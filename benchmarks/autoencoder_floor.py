@@ -112,7 +112,7 @@ def run_one(args, dataset: str) -> dict:
         "steps": args.epochs * -(-len(x) // args.batch_size), "lr": args.lr, "loss": loss,
         "fid": fids, "fid_samples": args.fid_samples, "train_s": train_s,
         "peak_rss_mb": peak_rss_mb(),
-        "command": "python benchmarks/autoencoder_floor.py " + " ".join(args.shown),
+        "command": args.command,
         "machine": records.machine(), "date": dt.date.today().isoformat(),
     }
 
@@ -138,7 +138,8 @@ def main() -> None:
     args = p.parse_args()
     if args.label is None and not args.markdown_only:
         p.error("--label is required (the name of this shape in the table)")
-    args.shown = records.shown_args(sys.argv[1:], drop=("--force", "--no-progress"))
+    args.command = records.shown_command(Path(__file__).name, sys.argv[1:],
+                                         drop=("--force", "--no-progress"))
     results = records.load(RESULTS)
     if not args.markdown_only:
         for dataset in args.datasets:

@@ -82,7 +82,7 @@ def run_one(args, dataset: str) -> dict:
         "fid": res.get("fid"), "fid_samples": res.get("fid_samples"),
         "wall_s": time.time() - t,
         "peak_rss_mb": peak_rss_mb(),
-        "command": "python benchmarks/real_ceiling.py " + " ".join(args.shown),
+        "command": args.command,
         "machine": records.machine(),
         "date": dt.date.today().isoformat(),
     }
@@ -98,7 +98,8 @@ def main() -> None:
     p.add_argument("--fid-samples", type=int, default=10_000)
     records.add_run_options(p)
     args = p.parse_args()
-    args.shown = records.shown_args(sys.argv[1:], drop=("--force",))
+    args.command = records.shown_command(Path(__file__).name, sys.argv[1:],
+                                         drop=("--force",))
     results = records.load(RESULTS)
     if not args.markdown_only:
         for dataset in args.datasets:

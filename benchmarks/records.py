@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 from pathlib import Path
 
 from dplatent.io import atomic_write
@@ -45,13 +46,14 @@ def add_run_options(parser) -> None:
                         help="only rewrite the BENCHMARKS.md section from the records")
 
 
-def shown_args(argv: list[str], drop: tuple[str, ...]) -> list[str]:
-    """The arguments a record shows as its command: without the flags in `drop`, and with the
-    value of --data-dir replaced by DIR (a record never holds a machine path)."""
+def shown_command(script: str, argv: list[str], drop: tuple[str, ...]) -> str:
+    """The command a record shows, quoted for a shell: `python benchmarks/<script>` and the
+    arguments without the flags in `drop`, the value of --data-dir replaced by DIR (a record
+    never holds a machine path)."""
     shown = [a for a in argv if a not in drop]
     if "--data-dir" in shown:
         shown[shown.index("--data-dir") + 1] = "DIR"
-    return shown
+    return shlex.join(["python", f"benchmarks/{script}", *shown])
 
 
 def write_section(name: str, body: str, heading: str) -> None:

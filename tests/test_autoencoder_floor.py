@@ -78,7 +78,7 @@ def test_table_has_a_row_per_record_with_each_sharpness_fid():
 
 def test_a_records_command_drops_the_run_flags_and_hides_the_data_folder():
     import records
-    argv = ["--label", "full", "--data-dir", "/some/where", "--force", "--no-progress"]
-    assert records.shown_args(argv, drop=("--force", "--no-progress")) == [
-        "--label", "full", "--data-dir", "DIR"]
-    assert records.shown_args(argv, drop=("--force",))[-1] == "--no-progress"
+    argv = ["--label", "a wide one", "--data-dir", "/some/where", "--force", "--no-progress"]
+    assert records.shown_command("x.py", argv, drop=("--force", "--no-progress")) == (
+        "python benchmarks/x.py --label 'a wide one' --data-dir DIR")
+    assert records.shown_command("x.py", argv, drop=("--force",)).endswith("DIR --no-progress")

@@ -78,7 +78,7 @@ def table(results: list[dict]) -> str:
                     f"{r['latent_noise']:g} | {r['steps']:,} ({r['epochs']} × "
                     f"{r['batch_size']}) | {r['loss']:.4f} | {fids} ({r['fid_samples']}) | "
                     f"{r['train_s']:.0f} | {r['peak_rss_mb']} | {r['date']} |")
-    cmds = [r["command"] for r in results]
+    cmds = list(dict.fromkeys(r["command"] for r in results))  # one command, several records
     return "\n".join(rows) + "\n\nCommands: " + "; ".join(f"`{c}`" for c in cmds) + "\n"
 
 

@@ -339,6 +339,52 @@ def test_nproc_must_match_the_launcher(monkeypatch, tmp_path):
             pass
 
 
+def test_a_late_process_makes_the_same_release_decision_as_the_main_one(monkeypatch,
+                                                                           tmp_path):
+    """Two ranks as threads around `release_gaussians`, rank 1 arriving late (as when it
+    encodes more slowly): it must not find the release the main process has just written,
+    load it and skip the barrier the main process waits at (which hung a two-process run)."""
+    import threading
+    import time
+
+    from dplatent import config
+    from dplatent.privacy.accounting import plan
+    from dplatent.privacy.ledger import Ledger
+    from dplatent.train import stages
+
+    cfg = config.resolve("smoke", {"privacy.accountant": "rdp", "privacy.delta": "1e-3",
+                                   "diffusion.gaussian_base": "true"})
+    p = plan(300, cfg, 3)
+    g = torch.Generator().manual_seed(0)
+    latents, labels = torch.randn(300, 8, generator=g), torch.randint(0, 3, (300,), generator=g)
+    local, gate = threading.local(), threading.Barrier(2, timeout=20)
+    monkeypatch.setattr(distributed, "is_main", lambda: local.rank == 0)
+    monkeypatch.setattr(distributed, "barrier", gate.wait)
+    out, errors = {}, []
+
+    def rank(r: int) -> None:
+        local.rank = r
+        if r == 1:
+            time.sleep(1.0)  # the main process has released and written by now, unless it waits
+        try:
+            ledger = Ledger(accountant="rdp", target_epsilon=p.target_epsilon, delta=p.delta)
+            out[r] = (stages.release_gaussians(latents, labels, 3, cfg, p, ledger, tmp_path),
+                      [e.stage for e in ledger.events])
+        except Exception as exc:  # noqa: BLE001 - reported below, with the rank
+            errors.append((r, exc))
+            gate.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert out[0][1] == out[1][1] == [GAUSSIAN_STAGE]
+    for a, b in zip(out[0][0], out[1][0]):
+        assert torch.equal(a, b)  # the same draw on both ranks
+
+
 class Crash(Exception):
     """Stands in for the processes dying."""
 

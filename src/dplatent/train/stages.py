@@ -114,7 +114,11 @@ def release_gaussians(latents: torch.Tensor, labels: torch.Tensor, num_classes: 
     stages = [plan.stage(GAUSSIAN_STAGE)]
     if d.gaussian_partition:
         stages.insert(0, plan.stage(PARTITION_STAGE))
-    if path.is_file():
+    kept = path.is_file()
+    # Every process has looked for a kept release before the main one writes a new one: a
+    # process that looked afterwards would load it and skip the collective below.
+    distributed.barrier()
+    if kept:
         ck = load_checkpoint(path)
         for stage in stages:
             ledger.record(stage.event(steps=1))

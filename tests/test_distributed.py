@@ -44,8 +44,10 @@ WORLD = 2
 
 @pytest.fixture(autouse=True)
 def one_thread_per_process():
-    """The launched processes inherit the environment: one thread each."""
-    with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1", "DPLATENT_KEEP_MALLOC": "1"}):
+    """The launched processes inherit the environment: one thread each, and a process that
+    hangs fails its run within minutes instead of holding the suite for torch's 30."""
+    with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1", "DPLATENT_KEEP_MALLOC": "1",
+                                      distributed.TIMEOUT_ENV: "300"}):
         yield
 
 
@@ -337,6 +339,42 @@ def test_nproc_must_match_the_launcher(monkeypatch, tmp_path):
     with pytest.raises(DplatentError, match="--nproc 2 but the launcher started 3"):
         with distributed.process_group(2):
             pass
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "soon", "inf", "nan"])
+def test_the_collective_timeout_must_be_a_positive_number_of_seconds(monkeypatch, text):
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, text)
+    with pytest.raises(DplatentError, match=f"{distributed.TIMEOUT_ENV}={text!r} is not a "
+                                            "positive number of seconds"):
+        distributed.collective_timeout()
+
+
+def test_the_collective_timeout_is_read_in_seconds(monkeypatch):
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "2.5")
+    assert distributed.collective_timeout().total_seconds() == 2.5
+    monkeypatch.delenv(distributed.TIMEOUT_ENV)
+    assert distributed.collective_timeout() is None  # torch's default
+
+
+def _one_process_late(delay: float) -> None:
+    """Rank 1 reaches the barrier `delay` seconds after rank 0."""
+    import time
+    with distributed.process_group():
+        if distributed.rank() == 1:
+            time.sleep(delay)
+        distributed.barrier()
+
+
+def test_a_process_that_does_not_arrive_fails_the_run_after_the_collective_timeout(
+        monkeypatch):
+    import time
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "2")
+    start = time.monotonic()
+    with pytest.raises(DplatentError, match=r"training process 0 failed: .*Timed out.*another "
+                                            r"process did not reach .*in time; \$" +
+                                            distributed.TIMEOUT_ENV):
+        distributed.launch(WORLD, _one_process_late, 60.0)
+    assert time.monotonic() - start < 45  # not the 60 s rank 1 sleeps
 
 
 def test_a_late_process_makes_the_same_release_decision_as_the_main_one(monkeypatch,

@@ -28,7 +28,9 @@ CPU ones), each process using the GPU numbered by its local rank.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
+import math
 import os
 import sys
 import uuid
@@ -81,6 +83,26 @@ def launched_world_size() -> int:
         raise DplatentError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from exc
 
 
+TIMEOUT_ENV = "DPLATENT_COLLECTIVE_TIMEOUT"
+
+
+def collective_timeout() -> datetime.timedelta | None:
+    """How long a collective (a barrier, a broadcast, the gradients' all-reduce) waits for the
+    other processes before it fails: `$DPLATENT_COLLECTIVE_TIMEOUT` seconds, else None
+    (torch's default, 30 minutes). A process that never arrives then stops the run with an
+    error instead of holding every other process for that long."""
+    text = os.environ.get(TIMEOUT_ENV)
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise DplatentError(f"{TIMEOUT_ENV}={text!r} is not a positive number of seconds")
+    return datetime.timedelta(seconds=seconds)
+
+
 def backend() -> str:
     if torch.cuda.is_available() and dist.is_nccl_available():
         return "cpu:gloo,cuda:nccl"
@@ -93,6 +115,7 @@ def process_group(nproc: int | None = None) -> Iterator[None]:
     MASTER_ADDR, MASTER_PORT); nothing to do for a single process. `nproc`: the number of
     processes asked for, checked against the launcher's."""
     world = launched_world_size()
+    timeout = collective_timeout()
     if nproc is not None and nproc != world and (world > 1 or nproc > 1):
         raise DplatentError(f"--nproc {nproc} but the launcher started {world} process(es)")
     if world <= 1 or dist.is_initialized():
@@ -107,7 +130,7 @@ def process_group(nproc: int | None = None) -> Iterator[None]:
     if "OMP_NUM_THREADS" not in os.environ:
         # threads = 0 ("all cores") then means this process's share of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    dist.init_process_group(backend=backend())
+    dist.init_process_group(backend=backend(), timeout=timeout)
     try:
         yield
     finally:
@@ -185,4 +208,8 @@ def _failure_message(exc: Exception) -> str:
     trace = trace.get("extraInfo", {}).get("py_callstack") if isinstance(trace, dict) else None
     if trace:
         print(trace, file=sys.stderr)
-    return f"training process {failed_rank} failed: {last}"
+    hint = ""
+    if "Timed out" in last:
+        hint = (" (another process did not reach the same collective operation in time; "
+                f"${TIMEOUT_ENV} sets how many seconds the others wait)")
+    return f"training process {failed_rank} failed: {last}{hint}"

@@ -12,7 +12,9 @@ development information, never published outputs of a run).
                so that the two compose to --sigma (1/sigma^2 = 1/sA^2 + 1/sB^2). Latents are
                drawn from the Gaussians alone (no DP-trained correction) and decoded;
                --temperature scales each draw's offset from its cell mean, --sharpness
-               (also for recon) the decoder's logits, as `sample` does
+               (also for recon) the decoder's logits, as `sample` does; --basis K releases
+               the second moments in the decoder's top-K basis (diffusion.gaussian_basis,
+               the basis a run with the run's seed would use)
     spread     (reads no private data) sampled latents, drawn as the run samples them, against
                the sphere the encoder puts every latent on (per-sample mean 0, standard
                deviation 1): prints the spread of their per-sample means and standard
@@ -53,7 +55,7 @@ from dplatent.eval.classifier import (ClassifierConfig, make_model, predict,
                                       split_indices, to_tensors, train_select)
 from dplatent.models.autoencoder import standardise
 from dplatent.sample import TrainedRun, decode_latents, draw_latents, generate, save_npz
-from dplatent.train.stages import encode
+from dplatent.train.stages import encode, release_basis
 
 BATCH = 2000
 
@@ -180,13 +182,15 @@ def shared_within(first: gb.NoisySums, sums: gb.NoisySums, per_class: int
 
 def gaussians(run: TrainedRun, dataset: str, data_dir: str | None, *, sigma: float,
               cells: int | None, partition_sigma: float, weights: str, num: int,
-              shared: bool = False, temperature: float = 1.0, sharpness: float = 1.0):
+              shared: bool = False, temperature: float = 1.0, sharpness: float = 1.0,
+              basis: int = 0):
     """cells None: one release at `sigma`; cells B >= 0: two releases composing to `sigma`
     (B = 0 keeps one cell per class: release B alone, at its share of the noise)."""
     train = data.load(dataset, "train", data_dir)
     with torch.no_grad():
         z = encode(run.autoencoder, torch.from_numpy(train.to_float())).double()
     y = torch.from_numpy(train.y).long()
+    b = release_basis(run.autoencoder, basis, run.cfg.seed) if basis else None
     two = cells is not None
     classes, per_class = int(y.max()) + 1, 2 ** (cells or 0)
     labels, sigma_b = y, sigma
@@ -195,18 +199,19 @@ def gaussians(run: TrainedRun, dataset: str, data_dir: str | None, *, sigma: flo
             raise SystemExit("--partition-sigma must exceed --sigma")
         sigma_b = (sigma ** -2 - partition_sigma ** -2) ** -0.5
         first = gb.release(z, y, classes, partition_sigma, torch.Generator().manual_seed(7),
-                           weights=weights)
+                           weights=weights, basis=b)
         labels = y * per_class + gb.cell_of(z, y, *gb.partition(first, "denoised", cells))
     gen_b = torch.Generator().manual_seed(8 if two else 7)
     if shared:
-        if not two:
-            raise SystemExit("--shared-covariance needs --cells")
+        if not two or b is not None:
+            raise SystemExit("--shared-covariance needs --cells and no --basis")
         radius = math.sqrt(z.shape[1] - 1)
         sums = gb.add_noise(gb.class_sums(z, labels, classes * per_class, radius, MEANS_ONLY),
                             sigma_b, gen_b)
         means, covs = shared_within(first, sums, per_class)
     else:
-        sums = gb.release(z, labels, classes * per_class, sigma_b, gen_b, weights=weights)
+        sums = gb.release(z, labels, classes * per_class, sigma_b, gen_b, weights=weights,
+                          basis=b)
         means, covs = gb.gaussians(sums, "denoised")
     print(f"sigma {sigma} (release B {sigma_b:.3f}), {per_class} cell(s) per class", flush=True)
     g = torch.Generator().manual_seed(0)
@@ -242,6 +247,8 @@ def main() -> None:
     p.add_argument("--shared-covariance", action="store_true",
                    help="release B: cell means and counts only; cells share their class's "
                         "within-cell covariance")
+    p.add_argument("--basis", type=int, default=0,
+                   help="gaussians: second moments in the decoder's top-K basis (0: none)")
     p.add_argument("--num", type=int, default=60000)
     p.add_argument("--temperature", type=float, default=1.0,
                    help="gaussians: each draw's offset from its cell mean scaled by this")
@@ -284,7 +291,7 @@ def main() -> None:
         x, y = gaussians(run, a.dataset, a.data_dir, sigma=a.sigma, cells=a.cells,
                          partition_sigma=a.partition_sigma, weights=a.weights, num=a.num,
                          shared=a.shared_covariance, temperature=a.temperature,
-                         sharpness=a.sharpness)
+                         sharpness=a.sharpness, basis=a.basis)
     save_npz(a.out, x, y)
     print(f"wrote {len(y)} images to {a.out}")
 

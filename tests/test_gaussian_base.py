@@ -342,3 +342,114 @@ def test_pooled_bulk_recovers_the_shape_of_a_bulk_that_each_group_cannot_see():
                             dtype=torch.float64) @ torch.linalg.cholesky(truth[c]).T).mean()
             for c in range(groups)).item() / groups
     assert loglik(pool) > loglik(den) + 1.5
+
+
+# ------------------------------------------------- second moments in a public basis (rank K)
+
+
+def _basis(d: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))[0]
+
+
+def test_one_record_moves_the_sums_in_a_basis_by_at_most_the_sensitivity():
+    g = torch.Generator().manual_seed(0)
+    z = 30 * torch.randn(40, 6, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+    w, basis = gb.RELEASE_WEIGHTS["weighted"], _basis(6, 3, seed=1)
+    full = _flat(gb.class_sums(z, y, 3, math.sqrt(5), w, basis))
+    assert full.numel() == 3 * 6 + 3 + 3 * 3 * 3   # K x K second moments, not D x D
+    for i in range(40):
+        keep = torch.arange(40) != i
+        moved = (full - _flat(gb.class_sums(z[keep], y[keep], 3, math.sqrt(5), w, basis)))
+        assert moved.norm() <= gb.SENSITIVITY * (1 + 1e-9)
+
+
+def test_without_noise_a_basis_keeps_the_projected_covariance_and_the_whole_trace():
+    """B^T S B is the class covariance's, and the other D - K directions share what the
+    trace leaves (known because every latent has norm R): the total variance is exact."""
+    z, y = _latents(900, 6, 3, seed=5)
+    basis = _basis(6, 3, seed=6)
+    means, covs = gb.gaussians(gb.release(z, y, 3, 0.0, torch.Generator(), basis=basis),
+                               "denoised")
+    outside = torch.eye(6, dtype=torch.float64) - basis @ basis.T
+    for c in range(3):
+        exact = torch.from_numpy(np.cov(z[y == c].numpy().T, bias=True))
+        np.testing.assert_allclose(means[c].numpy(), z[y == c].mean(0).numpy(), atol=1e-9)
+        np.testing.assert_allclose((basis.T @ covs[c] @ basis).numpy(),
+                                   (basis.T @ exact @ basis).numpy(), atol=1e-9)
+        np.testing.assert_allclose(torch.trace(covs[c]).item(), torch.trace(exact).item(),
+                                   rtol=1e-9)
+        rest = (outside @ covs[c] @ outside).numpy()   # isotropic outside the basis
+        np.testing.assert_allclose(rest, outside.numpy() * np.trace(rest) / 3, atol=1e-9)
+        np.testing.assert_allclose((basis.T @ covs[c] @ outside).numpy(), 0, atol=1e-9)
+
+
+def test_a_basis_lowers_the_noise_edge_with_its_rank():
+    """The same sigma on K x K instead of D x D entries: a spike between the two edges is
+    found in a basis that holds it and lost without one."""
+    d, k, n = 256, 2, 4000
+    g = torch.Generator().manual_seed(7)
+    spike, centre = torch.eye(d, dtype=torch.float64)[[0, d - 1]]
+    # noise std on a covariance entry s = sqrt(3) 255 / 4000 = 0.11, v = s^2 / 2: a spike is
+    # seen above sqrt(v D) = 1.25 in the whole space, above sqrt(v K) = 0.11 in the basis
+    # (the observed eigenvalue, 0.8 + v K / 0.8, clears that edge, 0.50, by far)
+    z = math.sqrt(d - 1) * centre + 0.02 * torch.randn(n, d, generator=g, dtype=torch.float64) \
+        + math.sqrt(0.8) * torch.randn(n, 1, generator=g, dtype=torch.float64) * spike
+    z = z / z.norm(dim=1, keepdim=True) * math.sqrt(d - 1)
+    y = torch.zeros(n, dtype=torch.long)
+    basis = torch.eye(d, dtype=torch.float64)[:, :k]
+    found = {}
+    for name, b in (("whole", None), ("basis", basis)):
+        sums = gb.release(z, y, 1, 1.0, torch.Generator().manual_seed(8), basis=b)
+        means, covs = gb.gaussians(sums, "denoised")
+        found[name] = (spike @ covs[0] @ spike).item()
+    true = np.var(z[:, 0].numpy())
+    assert found["basis"] == pytest.approx(true, rel=0.15)
+    assert found["whole"] < 0.1 * true   # under the D-d edge: spread over the bulk
+
+
+def test_decoder_basis_of_a_linear_decoder_is_its_top_right_singular_vectors():
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(20, 8, generator=g, dtype=torch.float64)
+    points = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    basis = gb.decoder_basis(lambda v: a @ v, points, 3)
+    assert basis.shape == (8, 3)
+    top = torch.linalg.svd(a)[2][:3].T
+    torch.testing.assert_close(basis @ basis.T, top @ top.T)
+    for bad in (0, 8):
+        with pytest.raises(ValueError, match=r"basis rank must be in \(0, 8\)"):
+            gb.decoder_basis(lambda v: a @ v, points, bad)
+
+
+def test_a_basis_of_the_wrong_shape_is_refused():
+    z, y = _latents(30, 6, 2, seed=1)
+    for bad in (_basis(5, 2, 0), _basis(6, 6, 0), torch.zeros(6)):
+        with pytest.raises(ValueError, match="a basis for 6-d latents must be"):
+            gb.release(z, y, 2, 1.0, torch.Generator(), basis=bad)
+
+
+def test_a_run_with_a_basis_saves_it_and_spends_the_same_epsilon(tmp_path, single_thread):
+    npz = write_synthetic_npz(tmp_path / "d.npz", 300, seed=0)
+    runs = {k: train_smoke(npz, tmp_path / f"run{k}", **{"diffusion.gaussian_base": "true",
+                                                        "diffusion.gaussian_basis": str(k)})
+            for k in (0, 4)}
+    eps = [json.loads((r / "privacy.json").read_text())["epsilon"] for r in runs.values()]
+    assert eps[0] == pytest.approx(eps[1])
+    released = torch.load(runs[4] / "checkpoints" / f"{GAUSSIAN_STAGE}.pt")
+    basis, d = released["basis"], released["means"].shape[1]
+    assert basis.shape == (d, 4) and "basis" not in torch.load(
+        runs[0] / "checkpoints" / f"{GAUSSIAN_STAGE}.pt")
+    torch.testing.assert_close(basis.T @ basis, torch.eye(4, dtype=basis.dtype))
+    with pytest.raises(ConfigError, match=f"gaussian_basis = {d} must be below the latent "
+                                          f"size {d}"):
+        train_smoke(npz, tmp_path / "too-big", **{"diffusion.gaussian_base": "true",
+                                                  "diffusion.gaussian_basis": str(d)})
+
+
+def test_a_basis_needs_the_gaussian_base_and_a_rank_of_at_least_zero():
+    with pytest.raises(ConfigError, match="gaussian_basis needs diffusion.gaussian_base"):
+        config.resolve("smoke", {"diffusion.gaussian_basis": "4"})
+    with pytest.raises(ConfigError, match="gaussian_basis must be >= 0"):
+        config.resolve("smoke", {"diffusion.gaussian_base": "true",
+                                 "diffusion.gaussian_basis": "-1"})

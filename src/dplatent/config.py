@@ -115,6 +115,12 @@ class DiffusionConfig:
     # release: privacy.partition_share of the release's precision) and releases one Gaussian
     # per cell, weighted by the cell's released count. Same epsilon (diffusion/gaussian_base.py).
     gaussian_partition: int = 0
+    # 0: the class second moments are released over the whole latent space (D x D entries of
+    # noise each). K > 0: only in the K latent directions the DP decoder's images change most
+    # (public: computed from the trained decoder; the rest of the variance, known from the
+    # latents' fixed norm, spread over the other D - K), so the noise edge grows with K, not D.
+    # Same epsilon (diffusion/gaussian_base.py).
+    gaussian_basis: int = 0
     # With gaussian_partition: the fewest records a cell must expect per unit of its release's
     # noise multiplier, n / (classes * 2^B) / sigma. The run uses the largest B up to
     # gaussian_partition that meets it (from public quantities; privacy/accounting.py), so the
@@ -143,6 +149,11 @@ class DiffusionConfig:
                f"class), got {self.gaussian_partition}")
         _check(self.gaussian_base or not self.gaussian_partition,
                "diffusion.gaussian_partition needs diffusion.gaussian_base = true")
+        _check(self.gaussian_basis >= 0,
+               f"diffusion.gaussian_basis must be >= 0 (0: the whole latent space), got "
+               f"{self.gaussian_basis}")
+        _check(self.gaussian_base or not self.gaussian_basis,
+               "diffusion.gaussian_basis needs diffusion.gaussian_base = true")
         _check(self.min_cell_snr >= 0, "diffusion.min_cell_snr must be >= 0")
         _one_of("diffusion.prediction", self.prediction, PREDICTIONS)
 

@@ -33,6 +33,15 @@ Covariances from the noisy sums (post-processing, `covariance=`):
              group's) instead of equally: the small directions keep the spread the pooled
              estimate sees among them.
 
+Second moments in a public basis (`release(basis=)`, diffusion.gaussian_basis = K > 0): each
+record adds w_3 (B^T u)(B^T u)^T instead of w_3 u u^T, B [D, K] orthonormal (the sensitivity
+stays 1), so K^2 entries carry noise instead of D^2 and the noise edge of a class covariance
+shrinks by sqrt(K / D). B must not depend on the private data: `decoder_basis` takes it from
+the DP-trained decoder (the K latent directions its images change most along). Outside B a
+class gets one variance, what its total leaves after B's share: every latent has norm R (the
+encoder standardises each one), so a class's total variance is R^2 - |mean|^2, from the
+released mean (`embedded`). Cross-covariances between B and the rest are taken as zero.
+
 Per-class mixtures (`release_partitioned`, diffusion.gaussian_partition = B > 0): one Gaussian
 per class misses the shape of a class (MNIST's sevens with and without a bar). Two releases:
   A (noise sigma_A) of the class sums as above; post-processing gives each class's mean and its
@@ -60,6 +69,7 @@ accuracy close to the autoencoder's ceiling.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +96,9 @@ class NoisySums:
     radius: float
     weights: tuple[float, float, float]
     noise_std: float = 0.0   # std of the noise added to every coordinate
+    # [D, K] orthonormal public basis the second moments were taken in ([C, K, K]); None: the
+    # whole latent space ([C, D, D])
+    basis: torch.Tensor | None = None
 
 
 def bound_norm(z: torch.Tensor, radius: float) -> torch.Tensor:
@@ -95,15 +108,19 @@ def bound_norm(z: torch.Tensor, radius: float) -> torch.Tensor:
 
 
 def class_sums(z: torch.Tensor, y: torch.Tensor, num_classes: int, radius: float,
-               weights: tuple[float, float, float]) -> NoisySums:
+               weights: tuple[float, float, float],
+               basis: torch.Tensor | None = None) -> NoisySums:
     """Exact weighted, normalised sums per class (private: never returned outside
-    `release`)."""
+    `release`). With a basis B [D, K], the second moments are those of B^T u (Frobenius norm
+    still <= w_3 per record, since B is orthonormal)."""
     w_first, w_count, w_second = weights
     u = bound_norm(z.double(), radius) / radius
     onehot = torch.nn.functional.one_hot(y.long(), num_classes).double()
-    second = torch.stack([u[y == c].T @ u[y == c] for c in range(num_classes)])
+    v = u if basis is None else u @ basis.double()
+    second = torch.stack([v[y == c].T @ v[y == c] for c in range(num_classes)])
     return NoisySums(first=w_first * (onehot.T @ u), count=w_count * onehot.sum(0),
-                     second=w_second * second, radius=radius, weights=weights)
+                     second=w_second * second, radius=radius, weights=weights,
+                     basis=None if basis is None else basis.double())
 
 
 def add_noise(sums: NoisySums, noise_multiplier: float,
@@ -116,34 +133,59 @@ def add_noise(sums: NoisySums, noise_multiplier: float,
 
     return NoisySums(first=noisy(sums.first), count=noisy(sums.count),
                      second=noisy(sums.second), radius=sums.radius, weights=sums.weights,
-                     noise_std=std)
+                     noise_std=std, basis=sums.basis)
 
 
 def release(z: torch.Tensor, y: torch.Tensor, num_classes: int, noise_multiplier: float,
-            generator: torch.Generator, weights: str = "equal") -> NoisySums:
+            generator: torch.Generator, weights: str = "equal",
+            basis: torch.Tensor | None = None) -> NoisySums:
     """The only function here that reads private data: latents [N, D] and labels [N] ->
-    the noisy sums. The caller records the ledger event (privacy/accounting.py)."""
+    the noisy sums. `basis`: a public orthonormal [D, K] (`decoder_basis`) in which the
+    second moments are released. The caller records the ledger event (privacy/accounting.py)."""
     radius = math.sqrt(max(z.shape[1] - 1, 1))
     if weights not in GAUSSIAN_RELEASES:
         raise ValueError(f"weights must be one of {GAUSSIAN_RELEASES}, got {weights!r}")
-    sums = class_sums(z.cpu(), y.cpu(), num_classes, radius, RELEASE_WEIGHTS[weights])
+    if basis is not None and (basis.ndim != 2 or basis.shape[0] != z.shape[1]
+                              or not 0 < basis.shape[1] < z.shape[1]):
+        raise ValueError(f"a basis for {z.shape[1]}-d latents must be [{z.shape[1]}, K] with "
+                         f"0 < K < {z.shape[1]}, got {list(basis.shape)}")
+    sums = class_sums(z.cpu(), y.cpu(), num_classes, radius, RELEASE_WEIGHTS[weights],
+                      None if basis is None else basis.cpu())
     return add_noise(sums, noise_multiplier, generator)
+
+
+def decoder_basis(decode: Callable[[torch.Tensor], torch.Tensor], points: torch.Tensor,
+                  rank: int) -> torch.Tensor:
+    """[D, rank]: the top `rank` eigenvectors of the mean of J^T J over `points` [P, D], J the
+    Jacobian of `decode` (a flat latent [D] -> a flat image) at each point: the latent
+    directions along which the decoder's images change most. A function of the DP-trained
+    decoder and of public points only (post-processing), so a release may use it freely."""
+    d = points.shape[1]
+    if not 0 < rank < d:
+        raise ValueError(f"the basis rank must be in (0, {d}), got {rank}")
+    gram = torch.zeros(d, d, dtype=torch.float64)
+    for point in points:
+        jac = torch.autograd.functional.jacobian(decode, point, vectorize=True,
+                                                 strategy="forward-mode").detach().double()
+        gram += jac.T @ jac
+    return torch.linalg.eigh(gram / len(points))[1][:, d - rank:]
 
 
 def release_partitioned(z: torch.Tensor, y: torch.Tensor, num_classes: int, directions: int,
                         noise_multipliers: tuple[float, float], generator: torch.Generator,
-                        weights: str = "equal", covariance: str = "psd"
+                        weights: str = "equal", covariance: str = "psd",
+                        basis: torch.Tensor | None = None
                         ) -> tuple[NoisySums, torch.Tensor, torch.Tensor]:
     """The two releases of the per-class mixtures (module docstring): release A with
     noise_multipliers[0] -> the public partition (`partition`); release B with
     noise_multipliers[1] of the cells' sums, cell c * 2^B + k for cell k of class c. Returns
     B's sums and the partition (centres [C, D], directions [C, D, B]). The caller records both
     ledger events."""
-    sums_a = release(z, y, num_classes, noise_multipliers[0], generator, weights)
+    sums_a = release(z, y, num_classes, noise_multipliers[0], generator, weights, basis)
     centres, dirs = partition(sums_a, covariance, directions)
     cells = y.cpu().long() * 2 ** directions + cell_of(z.cpu(), y.cpu(), centres, dirs)
     sums = release(z, cells, num_classes * 2 ** directions, noise_multipliers[1], generator,
-                   weights)
+                   weights, basis)
     return sums, centres, dirs
 
 
@@ -187,19 +229,37 @@ def gaussians(sums: NoisySums, covariance: str = "psd",
     means = group_means(sums)
     second = sums.second / w_second / count[..., None] * r * r
     second = (second + second.transpose(1, 2)) / 2
-    raw = second - torch.einsum("ci,cj->cij", means, means)
+    basis = sums.basis
+    projected = means if basis is None else means @ basis
+    raw = second - torch.einsum("ci,cj->cij", projected, projected)
     if covariance == "psd":
         covs = psd(raw)
     elif covariance == "denoised":
         covs = denoised(raw, covariance_noise_std(sums))
     else:
         covs = pooled_bulk(raw, covariance_noise_std(sums), count[:, 0])
+    if basis is not None:
+        covs = embedded(covs, raw, basis, (r * r - (means ** 2).sum(1)))
     share = (cell_weights(sums, cells_per_class) / (len(means) // cells_per_class)).flatten()
     mix_mean = share @ means
     mix_second = torch.einsum("m,mij->ij", share,
                               covs + torch.einsum("ci,cj->cij", means, means))
     mix_cov = psd(mix_second - torch.outer(mix_mean, mix_mean))
     return torch.cat([means, mix_mean[None]]), torch.cat([covs, mix_cov[None]])
+
+
+def embedded(covs: torch.Tensor, raw: torch.Tensor, basis: torch.Tensor,
+             trace: torch.Tensor) -> torch.Tensor:
+    """Covariances [C, D, D] from estimates in a basis B [D, K] (`covs`, from the noisy
+    `raw` [C, K, K]): B covs B^T, and in the D - K directions outside B an equal share of what
+    the groups' total variances `trace` [C] leave after B's (raw, unbiased) trace, at least
+    EIG_FLOOR. The totals are public when every latent has norm R, as the encoder's per-example
+    standardisation makes them: the trace of a group's covariance is then R^2 - |mean|^2."""
+    d, k = basis.shape
+    outside = (trace - torch.diagonal(raw, dim1=-2, dim2=-1).sum(-1)) / (d - k)
+    rest = torch.eye(d, dtype=basis.dtype) - basis @ basis.T
+    return (basis @ covs @ basis.T
+            + outside.clamp_min(EIG_FLOOR)[:, None, None] * rest)
 
 
 def group_means(sums: NoisySums) -> torch.Tensor:

@@ -10,6 +10,7 @@ stage 2: DP class-conditional denoiser on latents  -> ledger entry 'diffusion'
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import time
@@ -27,7 +28,8 @@ from dplatent.diffusion.loss import denoising_loss
 from dplatent.diffusion.schedule import alphas_cumprod
 from dplatent.errors import ConfigError, PrivacyError
 from dplatent.io import atomic_write, write_json
-from dplatent.models.autoencoder import Autoencoder, latent_shape, reconstruction_loss
+from dplatent.models.autoencoder import (Autoencoder, latent_shape, reconstruction_loss,
+                                        standardise)
 from dplatent.models.denoiser import Denoiser
 from dplatent.privacy.accounting import GAUSSIAN_STAGE, PARTITION_STAGE, PrivacyPlan, resolved
 from dplatent.privacy.accounting import plan as make_plan
@@ -104,7 +106,7 @@ def check_release_kept(run_dir: Path) -> None:
 
 def release_gaussians(latents: torch.Tensor, labels: torch.Tensor, num_classes: int,
                       cfg: RunConfig, plan: PrivacyPlan, ledger: Ledger,
-                      run_dir: Path) -> Gaussians:
+                      run_dir: Path, autoencoder: Autoencoder | None = None) -> Gaussians:
     """The DP Gaussians of the latents (means, covariances and cell weights; `gaussian_base`),
     released once per run: the release is saved (ledger entries first, then the file), and a
     resumed run loads it instead of reading the private data again (`check_release_kept`
@@ -125,15 +127,20 @@ def release_gaussians(latents: torch.Tensor, labels: torch.Tensor, num_classes: 
         return ck["means"], ck["covs"], ck.get("cell_weights", torch.ones(num_classes, 1))
     gen = torch.Generator().manual_seed(cfg.seed * 2 + 7)  # the same draw on every process
     saved = {}
+    basis = None
+    if d.gaussian_basis:
+        if autoencoder is None:
+            raise ValueError("diffusion.gaussian_basis needs the trained autoencoder")
+        saved["basis"] = basis = release_basis(autoencoder, d.gaussian_basis, cfg.seed)
     if d.gaussian_partition:
         sums, saved["partition_centres"], saved["partition_directions"] = \
             gaussian_base.release_partitioned(
                 latents, labels, num_classes, d.gaussian_partition,
                 (stages[0].noise_multiplier, stages[1].noise_multiplier), gen,
-                weights=d.gaussian_release, covariance=d.gaussian_covariance)
+                weights=d.gaussian_release, covariance=d.gaussian_covariance, basis=basis)
     else:
         sums = gaussian_base.release(latents, labels, num_classes, stages[0].noise_multiplier,
-                                     gen, weights=d.gaussian_release)
+                                     gen, weights=d.gaussian_release, basis=basis)
     cells = 2 ** d.gaussian_partition
     means, covs = gaussian_base.gaussians(sums, d.gaussian_covariance, cells)
     weights = gaussian_base.cell_weights(sums, cells)
@@ -146,6 +153,32 @@ def release_gaussians(latents: torch.Tensor, labels: torch.Tensor, num_classes: 
             {"means": means, "covs": covs, "cell_weights": weights, **saved}, p))
     distributed.barrier()
     return means, covs, weights
+
+
+BASIS_POINTS = 128  # random latents at which the decoder's Jacobian is taken
+
+
+def check_basis_rank(rank: int, dim: int) -> None:
+    """diffusion.gaussian_basis against the latent size (0: no basis)."""
+    if rank >= dim:
+        raise ConfigError(f"diffusion.gaussian_basis = {rank} must be below the latent size "
+                          f"{dim}")
+
+
+def release_basis(autoencoder: Autoencoder, rank: int, seed: int) -> torch.Tensor:
+    """[D, rank] (diffusion.gaussian_basis): `gaussian_base.decoder_basis` of the DP-trained
+    decoder at BASIS_POINTS latents drawn as the encoder's outputs lie (N(0, I), standardised
+    per example), on the CPU in float64. No private data; every process uses the main one's."""
+    shape = autoencoder.latent_shape
+    check_basis_rank(rank, int(np.prod(shape)))
+    gen = torch.Generator().manual_seed(seed * 2 + 11)
+    points = standardise(torch.randn(BASIS_POINTS, *shape, generator=gen)).flatten(1)
+    decoder = copy.deepcopy(autoencoder).cpu().float().eval()
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return decoder.decode(z.view(1, *shape)).flatten()
+
+    return distributed.all_gather(gaussian_base.decoder_basis(decode, points, rank))[0]
 
 
 def train_diffusion(latents: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -195,7 +228,9 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
                           "or choose another --out")
     device_mod.check_processes(cfg.device, distributed.world_size())
     private = data_mod.load(dataset, "train", data_dir)
-    latent_shape(private.image_size, cfg.autoencoder.channels, cfg.autoencoder.latent_channels)
+    shape = latent_shape(private.image_size, cfg.autoencoder.channels,
+                         cfg.autoencoder.latent_channels)
+    check_basis_rank(cfg.diffusion.gaussian_basis, int(np.prod(shape)))
     device = device_mod.resolve(cfg.device)
     if resume:
         _check_resume_device(run_dir, device)
@@ -239,7 +274,7 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
     t = time.time()
     latents = encode(ae, images)
     gaussians = (release_gaussians(latents, labels, private.num_classes, cfg, plan, ledger,
-                                   run_dir) if cfg.diffusion.gaussian_base else None)
+                                   run_dir, ae) if cfg.diffusion.gaussian_base else None)
     den = train_diffusion(latents, labels, private.num_classes, cfg, plan, ledger, run_dir,
                           progress, gaussians)
     timings["diffusion_s"] = time.time() - t

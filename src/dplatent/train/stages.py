@@ -168,7 +168,8 @@ def check_basis_rank(rank: int, dim: int) -> None:
 def release_basis(autoencoder: Autoencoder, rank: int, seed: int) -> torch.Tensor:
     """[D, rank] (diffusion.gaussian_basis): `gaussian_base.decoder_basis` of the DP-trained
     decoder at BASIS_POINTS latents drawn as the encoder's outputs lie (N(0, I), standardised
-    per example), on the CPU in float64. No private data; every process uses the main one's."""
+    per example), on the CPU (the decoder in float32, the Jacobians' Gram in float64). No
+    private data. Only the main process computes it; the others receive its result."""
     shape = autoencoder.latent_shape
     check_basis_rank(rank, int(np.prod(shape)))
     gen = torch.Generator().manual_seed(seed * 2 + 11)
@@ -178,7 +179,8 @@ def release_basis(autoencoder: Autoencoder, rank: int, seed: int) -> torch.Tenso
     def decode(z: torch.Tensor) -> torch.Tensor:
         return decoder.decode(z.view(1, *shape)).flatten()
 
-    return distributed.all_gather(gaussian_base.decoder_basis(decode, points, rank))[0]
+    basis = gaussian_base.decoder_basis(decode, points, rank) if distributed.is_main() else None
+    return distributed.all_gather(basis)[0]
 
 
 def train_diffusion(latents: torch.Tensor, labels: torch.Tensor, num_classes: int,

@@ -236,7 +236,7 @@ N = 600
 SMOKE = ["--preset", "smoke", "--epsilon", "2", "--delta", "1e-4", "--seed", "1", "--threads",
          "1", "--set", "privacy.accountant=rdp", "--set", "autoencoder.epochs=0.6",
          "--set", "diffusion.epochs=0.6", "--set", "diffusion.gaussian_base=true",
-         "--no-progress"]
+         "--set", "diffusion.gaussian_basis=4", "--no-progress"]
 STEPS = 6  # per DP-SGD stage; the smoke preset checkpoints every 5
 
 
@@ -308,9 +308,11 @@ def test_only_the_first_process_writes_and_training_follows_the_single_process_r
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-6)
     # the latent Gaussians: one release, the single process's draw (every process computes
-    # the same sums of the same latents and adds the same noise draw)
+    # the same sums of the same latents, in the basis the main process took from its decoder,
+    # and adds the same noise draw)
     g1, g2 = (load_checkpoint(checkpoint_path(runs[k], GAUSSIAN_STAGE)) for k in (1, WORLD))
-    for k in ("means", "covs"):
+    assert g2["basis"].shape == (2 * 7 * 7, 4)  # the smoke latent: 2 channels at 7 x 7
+    for k in ("basis", "means", "covs"):
         torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-5)
     # denoiser: each process draws its own diffusion times and noise, so it differs from
     # the single-process model, but it was trained (not left at its initial weights)

@@ -417,6 +417,13 @@ def test_decoder_basis_of_a_linear_decoder_is_its_top_right_singular_vectors():
     assert basis.shape == (8, 3)
     top = torch.linalg.svd(a)[2][:3].T
     torch.testing.assert_close(basis @ basis.T, top @ top.T)
+    # each vector's sign is fixed by its largest entry, so a slightly perturbed decoder (one
+    # trained by several processes) gives nearly the same vectors, not flipped ones
+    peaks = basis.gather(0, basis.abs().argmax(0, keepdim=True))
+    assert (peaks > 0).all()
+    b = a + 1e-6 * torch.randn(20, 8, generator=g, dtype=torch.float64)
+    nearby = gb.decoder_basis(lambda v: b @ v, points, 3)
+    torch.testing.assert_close(nearby, basis, rtol=0, atol=1e-4)
     for bad in (0, 8):
         with pytest.raises(ValueError, match=r"basis rank must be in \(0, 8\)"):
             gb.decoder_basis(lambda v: a @ v, points, bad)

@@ -159,7 +159,10 @@ def decoder_basis(decode: Callable[[torch.Tensor], torch.Tensor], points: torch.
     """[D, rank]: the top `rank` eigenvectors of the mean of J^T J over `points` [P, D], J the
     Jacobian of `decode` (a flat latent [D] -> a flat image) at each point: the latent
     directions along which the decoder's images change most. A function of the DP-trained
-    decoder and of public points only (post-processing), so a release may use it freely."""
+    decoder and of public points only (post-processing), so a release may use it freely.
+    Each vector's sign is fixed (its largest entry in size is positive), so that nearly equal
+    decoders, e.g. those of one run trained by one process or by several, give nearly equal
+    bases: the release's noise is drawn in the basis' coordinates."""
     d = points.shape[1]
     if not 0 < rank < d:
         raise ValueError(f"the basis rank must be in (0, {d}), got {rank}")
@@ -168,7 +171,9 @@ def decoder_basis(decode: Callable[[torch.Tensor], torch.Tensor], points: torch.
         jac = torch.autograd.functional.jacobian(decode, point, vectorize=True,
                                                  strategy="forward-mode").detach().double()
         gram += jac.T @ jac
-    return torch.linalg.eigh(gram / len(points))[1][:, d - rank:]
+    basis = torch.linalg.eigh(gram / len(points))[1][:, d - rank:]
+    peaks = basis.gather(0, basis.abs().argmax(0, keepdim=True))
+    return basis * torch.sign(peaks)
 
 
 def release_partitioned(z: torch.Tensor, y: torch.Tensor, num_classes: int, directions: int,

@@ -135,25 +135,41 @@ def _rule(cap: int, snr: float, share: float = 0.1, **extra: str):
 
 
 def test_cells_are_the_most_whose_records_per_noise_meet_the_bound():
-    # n / (C 2^B) records per cell against snr * sigma / sqrt(1 - share)
+    # n / (C 2^B) records per cell against snr * sigma / sqrt(1 - share) * sqrt(D)
     sigma_b = lambda sigma: sigma / math.sqrt(0.9)  # noqa: E731
     edge = 1500 * math.sqrt(0.9) / 1000  # B = 2: 60000 / 40 = 1500 records = 1000 sigma_b
     assert sigma_b(edge) * 1000 == pytest.approx(1500)
-    assert cells_exponent(edge * (1 - 1e-9), 60000, 10, _rule(3, 1000)) == 2
-    assert cells_exponent(edge * 1.01, 60000, 10, _rule(3, 1000)) == 1
-    assert cells_exponent(edge * 0.49, 60000, 10, _rule(3, 1000)) == 3  # room for 3, cap 3
-    assert cells_exponent(edge * 0.49, 60000, 10, _rule(2, 1000)) == 2  # never above the cap
-    assert cells_exponent(edge * 0.49, 60000, 20, _rule(3, 1000)) == 2  # twice the classes
-    assert cells_exponent(edge * 4.1, 60000, 10, _rule(3, 1000)) == 0   # not even two cells
-    assert cells_exponent(100.0, 60000, 10, _rule(3, 0)) == 3           # no bound: the cap
+    assert cells_exponent(edge * (1 - 1e-9), 60000, 10, 1, _rule(3, 1000)) == 2
+    assert cells_exponent(edge * 1.01, 60000, 10, 1, _rule(3, 1000)) == 1
+    assert cells_exponent(edge * 0.49, 60000, 10, 1, _rule(3, 1000)) == 3  # room for 3, cap 3
+    assert cells_exponent(edge * 0.49, 60000, 10, 1, _rule(2, 1000)) == 2  # never above cap
+    assert cells_exponent(edge * 0.49, 60000, 20, 1, _rule(3, 1000)) == 2  # twice the classes
+    assert cells_exponent(edge * 4.1, 60000, 10, 1, _rule(3, 1000)) == 0   # not even two cells
+    assert cells_exponent(100.0, 60000, 10, 1, _rule(3, 0)) == 3           # no bound: the cap
     # the share of the first release takes precision from the cells' release
-    assert cells_exponent(edge * 0.9, 60000, 10, _rule(3, 1000, share=0.5)) == 1
+    assert cells_exponent(edge * 0.9, 60000, 10, 1, _rule(3, 1000, share=0.5)) == 1
+
+
+def test_a_larger_latent_needs_more_records_per_cell():
+    # the noise on a cell's mean grows as sqrt(D): 4 dimensions need twice the records of 1
+    edge = 1500 * math.sqrt(0.9) / 1000  # B = 2 just fits at D = 1
+    assert cells_exponent(edge * 0.49, 60000, 10, 1, _rule(3, 1000)) == 3
+    assert cells_exponent(edge * 0.49, 60000, 10, 4, _rule(3, 1000)) == 2
+    assert cells_exponent(edge * 0.51, 60000, 10, 4, _rule(3, 1000)) == 1
+    assert cells_exponent(edge / 2 * (1 - 1e-9), 60000, 10, 4, _rule(3, 1000)) == 2
+    # `full`'s bound at epsilon = 1 (PRV: the release's sigma 4.72): 2 cells at 98-d, 1 at 196-d
+    full = config.resolve("full", {"privacy.epsilon": "1"})
+    assert full.diffusion.gaussian_partition == 3 and full.diffusion.min_cell_snr == 50
+    assert cells_exponent(4.72, 60000, 10, 98, full) == 1
+    assert cells_exponent(4.72, 60000, 10, 196, full) == 0
+    with pytest.raises(PrivacyError, match="latent_dim"):
+        cells_exponent(1.0, 60000, 10, 0, full)
 
 
 def test_plan_chooses_fewer_cells_at_small_epsilon_and_resolving_keeps_the_plan():
     # RDP: the release's sigma_b is 9.3 at epsilon 1 and 1.07 at 10
-    small, large = (plan(60000, _rule(3, 500, **{"privacy.epsilon": e,
-                                                 "privacy.accountant": "rdp"}), 10)
+    small, large = (plan(60000, _rule(3, 50, **{"privacy.epsilon": e,
+                                                "privacy.accountant": "rdp"}), 10, 98)
                     for e in ("1", "10"))
     assert small.gaussian_partition == 0 and PARTITION_STAGE not in [
         s.stage for s in small.stages]
@@ -161,13 +177,14 @@ def test_plan_chooses_fewer_cells_at_small_epsilon_and_resolving_keeps_the_plan(
     # the release's noise is that of a plan without cells, split or not
     plain = plan(60000, _rule(0, 0, **{"privacy.epsilon": "1", "privacy.accountant": "rdp"}))
     assert small.stage(GAUSSIAN_STAGE) == plain.stage(GAUSSIAN_STAGE)
-    cfg = resolved(_rule(3, 500, **{"privacy.epsilon": "1", "privacy.accountant": "rdp"}),
+    cfg = resolved(_rule(3, 50, **{"privacy.epsilon": "1", "privacy.accountant": "rdp"}),
                    small)
     assert cfg.diffusion.gaussian_partition == 0
-    assert plan(60000, cfg, 10) == small
-    with pytest.raises(PrivacyError, match="number of classes"):
-        plan(60000, _rule(3, 1000))
-    control = plan(60000, _rule(3, 1e9, **{"privacy.non_private_control": "true"}), 10)
+    assert plan(60000, cfg, 10, 98) == small
+    for classes, dim in ((None, None), (10, None), (None, 98)):
+        with pytest.raises(PrivacyError, match="number of classes and the latent's dimension"):
+            plan(60000, _rule(3, 1000), classes, dim)
+    control = plan(60000, _rule(3, 1e9, **{"privacy.non_private_control": "true"}), 10, 98)
     assert control.gaussian_partition == 3  # no noise: every cell measured exactly
 
 
@@ -175,7 +192,7 @@ def test_plan_command_shows_the_cells_and_needs_the_classes_of_a_user_data_set(
         monkeypatch, capsys):
     args = ["plan", "--preset", "quick", "--set", "privacy.accountant=rdp", "--set",
             "diffusion.gaussian_base=true", "--set", "diffusion.gaussian_partition=3",
-            "--set", "diffusion.min_cell_snr=500"]
+            "--set", "diffusion.min_cell_snr=50"]
     code, out, err = run_main([*args, "--epsilon", "10"], monkeypatch, capsys)
     assert code == 0, err
     assert "cells per class: 8" in out and PARTITION_STAGE in out
@@ -184,9 +201,19 @@ def test_plan_command_shows_the_cells_and_needs_the_classes_of_a_user_data_set(
     code, out, err = run_main([*args, "--dataset", "mine.npz", "--n", "60000"], monkeypatch,
                               capsys)
     assert code != 0 and "--classes" in err
-    code, out, err = run_main([*args, "--dataset", "mine.npz", "--n", "60000", "--classes",
-                               "100", "--epsilon", "10"], monkeypatch, capsys)
+    user = [*args, "--dataset", "mine.npz", "--n", "60000", "--classes", "100", "--epsilon",
+            "10"]
+    code, out, err = run_main(user, monkeypatch, capsys)
+    assert code != 0 and "--image-size" in err
+    code, out, err = run_main([*user, "--image-size", "28"], monkeypatch, capsys)
     assert code == 0 and "cells per class: 1" in out  # 600 records a class: no room
+    code, out, err = run_main([*user, "--classes", "10", "--image-size", "30"], monkeypatch,
+                              capsys)
+    assert code != 0 and "divisible by 4" in err
+    # a larger latent needs more records per cell: 8 cells at 98-d, 4 at 392-d (56 x 56)
+    code, out, err = run_main([*user, "--classes", "10", "--image-size", "56"], monkeypatch,
+                              capsys)
+    assert code == 0 and "cells per class: 4" in out
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -89,6 +90,20 @@ def _public_classes(dataset: str, classes: int | None, cfg) -> int | None:
     return classes
 
 
+def _public_latent_dim(dataset: str, image_size: int | None, cfg) -> int | None:
+    """The latent's number of coordinates, public: from the image side and the autoencoder's
+    shape; the plan needs it to choose the number of cells (diffusion.min_cell_snr)."""
+    from dplatent.models.autoencoder import latent_shape
+    size = _given_or_builtin(dataset, image_size, "--image-size", 1, 28)
+    if size is None:
+        if cfg.diffusion.gaussian_partition and cfg.diffusion.min_cell_snr:
+            raise DplatentError("plan needs the image size for a user data set when "
+                                "diffusion.min_cell_snr chooses the cells: pass --image-size")
+        return None
+    return math.prod(latent_shape(size, cfg.autoencoder.channels,
+                                  cfg.autoencoder.latent_channels))
+
+
 @app.command()
 def plan(dataset: DatasetOpt = "mnist",
          epsilon: Annotated[Optional[float], typer.Option(
@@ -98,11 +113,14 @@ def plan(dataset: DatasetOpt = "mnist",
          n: Annotated[Optional[int], typer.Option(help="number of training records")] = None,
          classes: Annotated[Optional[int], typer.Option(
              help="number of classes (built-in data sets: 10)")] = None,
+         image_size: Annotated[Optional[int], typer.Option(
+             help="side of the square images (built-in data sets: 28)")] = None,
          non_private_control: ControlOpt = False):
     """Show each stage's noise multiplier for a budget. Touches no data."""
     from dplatent.privacy.accounting import plan as make_plan
     cfg = _config(preset, epsilon, delta, None, None, sets, non_private_control)
-    p = make_plan(_public_n(dataset, n), cfg, _public_classes(dataset, classes, cfg))
+    p = make_plan(_public_n(dataset, n), cfg, _public_classes(dataset, classes, cfg),
+                  _public_latent_dim(dataset, image_size, cfg))
     if not p.private:
         typer.echo(NOT_PRIVATE_BANNER, err=True)
         typer.echo(f"NOT PRIVATE: noise multiplier 0, no epsilon; delta={p.delta:g} n={p.n}")

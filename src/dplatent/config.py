@@ -121,10 +121,11 @@ class DiffusionConfig:
     # latents' fixed norm, spread over the other D - K), so the noise edge grows with K, not D.
     # Same epsilon (diffusion/gaussian_base.py).
     gaussian_basis: int = 0
-    # With gaussian_partition: the fewest records a cell must expect per unit of its release's
-    # noise multiplier, n / (classes * 2^B) / sigma. The run uses the largest B up to
-    # gaussian_partition that meets it (from public quantities; privacy/accounting.py), so the
-    # number of cells follows the budget: fewer, larger cells at small epsilon. 0: always
+    # With gaussian_partition: the fewest records a cell must expect per unit of the noise's
+    # norm on its mean, n / (classes * 2^B) / (sigma * sqrt(D)) for a D-dimensional latent.
+    # The run uses the largest B up to gaussian_partition that meets it (from public
+    # quantities; privacy/accounting.py), so the number of cells follows the budget and the
+    # latent's size: fewer, larger cells at small epsilon or in more dimensions. 0: always
     # gaussian_partition.
     min_cell_snr: float = 0.0
 

@@ -216,16 +216,21 @@ def split_release(event: DPEvent, partition_share: float) -> list[DPEvent]:
             dataclasses.replace(event, noise_multiplier=sigma / math.sqrt(1 - partition_share))]
 
 
-def cells_exponent(sigma: float, n: int, num_classes: int, cfg: RunConfig) -> int:
+def cells_exponent(sigma: float, n: int, num_classes: int, latent_dim: int,
+                   cfg: RunConfig) -> int:
     """The number of cells per class, as B in 2^B, that a release of noise multiplier `sigma`
     (before `split_release`) affords: the largest B <= diffusion.gaussian_partition whose cells
-    expect at least diffusion.min_cell_snr records per unit of the noise multiplier of the
-    release that measures them, n / (num_classes * 2^B) / sigma_B. Public quantities only.
+    expect at least diffusion.min_cell_snr records per unit of the norm of the noise on their
+    mean, n / (num_classes * 2^B) / (sigma_B * sqrt(latent_dim)), sigma_B the noise multiplier
+    of the release that measures them. The noise on a cell's sums grows as sqrt(latent_dim)
+    in norm, so a larger latent needs more records per cell. Public quantities only.
     With B = 0 there is no split (sigma_B = sigma); B = 0 also when none meets the bound."""
     d = cfg.diffusion
+    if latent_dim < 1:
+        raise PrivacyError(f"latent_dim must be >= 1, got {latent_dim}")
     sigma_b = sigma / math.sqrt(1 - cfg.privacy.partition_share)
     for b in range(d.gaussian_partition, 0, -1):
-        if n / (num_classes * 2 ** b) >= d.min_cell_snr * sigma_b:
+        if n / (num_classes * 2 ** b) >= d.min_cell_snr * sigma_b * math.sqrt(latent_dim):
             return b
     return 0
 
@@ -249,19 +254,22 @@ def training_records(n: int, cfg: RunConfig) -> int:
     return cfg.subset or n
 
 
-def plan(n: int, cfg: RunConfig, num_classes: int | None = None) -> PrivacyPlan:
+def plan(n: int, cfg: RunConfig, num_classes: int | None = None,
+         latent_dim: int | None = None) -> PrivacyPlan:
     """Noise multipliers for every stage from public quantities only: the autoencoder, the
     latent Gaussians when `diffusion.gaussian_base` is set (calibrated as one Gaussian
     mechanism, then split into two by `split_release` when it affords cells:
-    `cells_exponent`, which needs `num_classes` when diffusion.min_cell_snr is set), and the
-    denoiser. The plan's `gaussian_partition` is the number of cells chosen (`resolved`).
+    `cells_exponent`, which needs `num_classes` and `latent_dim`, the latent's number of
+    coordinates, when diffusion.min_cell_snr is set), and the denoiser. The plan's
+    `gaussian_partition` is the number of cells chosen (`resolved`).
 
     `n` is the size of the training split; the accounting uses the records actually trained
     on (`training_records`). A non-private control (`privacy.non_private_control`) gets noise
     multiplier 0 in every stage, no target and an infinite epsilon."""
     p, cap = cfg.privacy, cfg.diffusion.gaussian_partition
-    if cap and cfg.diffusion.min_cell_snr and num_classes is None:
-        raise PrivacyError("diffusion.min_cell_snr: the plan needs the number of classes")
+    if cap and cfg.diffusion.min_cell_snr and (num_classes is None or latent_dim is None):
+        raise PrivacyError("diffusion.min_cell_snr: the plan needs the number of classes and "
+                           "the latent's dimension")
     source, n = n, training_records(n, cfg)
     if p.delta >= 1.0 / n:
         raise PrivacyError(f"delta={p.delta:g} must be below 1/n = {1.0 / n:.3g} "
@@ -300,7 +308,7 @@ def plan(n: int, cfg: RunConfig, num_classes: int | None = None) -> PrivacyPlan:
         event = DPEvent(stage=name, noise_multiplier=sigma, sample_rate=q, steps=t,
                         clip_norm=c)
         if name == GAUSSIAN_STAGE and cap:
-            cells = cells_exponent(sigma, n, num_classes or 1, cfg)
+            cells = cells_exponent(sigma, n, num_classes or 1, latent_dim or 1, cfg)
         split = (split_release(event, p.partition_share)
                  if name == GAUSSIAN_STAGE and cells else [event])
         events.extend(split)

@@ -239,7 +239,7 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
         check_release_kept(run_dir)
     source_records = len(private)
     # accounts for the records trained on (plan.n) and chooses the number of cells
-    plan = make_plan(source_records, cfg, private.num_classes)
+    plan = make_plan(source_records, cfg, private.num_classes, int(np.prod(shape)))
     cfg = resolved(cfg, plan)
     if cfg.subset:
         idx = subset_indices(source_records, cfg.subset, cfg.seed)

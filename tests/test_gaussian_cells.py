@@ -339,3 +339,22 @@ def test_a_run_saves_the_cells_the_plan_chose_and_resumes_with_them(tmp_path, si
     from dplatent.sample import TrainedRun, generate
     x, y = generate(TrainedRun(run), 4, seed=0, progress=False)  # the saved config loads
     assert len(x) == len(y) == 4
+
+
+def test_a_resumed_run_keeps_the_cells_its_plan_chose(tmp_path, single_thread):
+    """A run planned under another reading of diffusion.min_cell_snr (before it scaled with
+    the latent's dimension) must not be continued with other cells."""
+    npz = write_synthetic_npz(tmp_path / "d.npz", 300, seed=0)
+    settings = {"diffusion.gaussian_base": "true", "diffusion.gaussian_partition": "1",
+                "diffusion.min_cell_snr": "1e-3"}
+    run = train_smoke(npz, tmp_path / "run", **settings)
+    assert json.loads((run / "config.json").read_text())["diffusion"]["gaussian_partition"] == 1
+    (run / "checkpoints" / "diffusion.pt").unlink()
+    strict = config.resolve("smoke", {"privacy.accountant": "rdp", "privacy.delta": "1e-3",
+                                      "threads": "1", **settings,
+                                      "diffusion.min_cell_snr": "1e6"})
+    with pytest.raises(ConfigError, match="planned with 2 cells per class, but its saved "
+                                          "configuration now gives 1"):
+        train(dataset=str(npz), data_dir=None, cfg=strict, run_dir=run, resume=True,
+              progress=False)
+    assert not (run / "checkpoints" / "diffusion.pt").exists()

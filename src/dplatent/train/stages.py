@@ -240,6 +240,8 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
     source_records = len(private)
     # accounts for the records trained on (plan.n) and chooses the number of cells
     plan = make_plan(source_records, cfg, private.num_classes, int(np.prod(shape)))
+    if resume:
+        _check_resume_cells(run_dir, plan.gaussian_partition)
     cfg = resolved(cfg, plan)
     if cfg.subset:
         idx = subset_indices(source_records, cfg.subset, cfg.seed)
@@ -284,6 +286,24 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
     if main:
         _write_timings(run_dir, timings, runtime.peak_rss_mb())
     return {"timings": timings, "ledger": ledger.to_dict(), "autoencoder": ae, "denoiser": den}
+
+
+def _check_resume_cells(run_dir: Path, chosen: int) -> None:
+    """A resumed run keeps the cells its plan chose at the start: the rule that chooses them
+    (diffusion.min_cell_snr) may read its saved bound otherwise in another version (before
+    2026-12-05 it did not scale with the latent's dimension)."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text()).get("derived", {}).get("privacy_plan", {}).get(
+        "gaussian_partition")
+    if saved is not None and saved != chosen:
+        raise ConfigError(f"{run_dir} was planned with {2 ** saved} cells per class, but its "
+                          f"saved configuration now gives {2 ** chosen} (diffusion.min_cell_snr "
+                          "counts records per unit of sigma * sqrt(latent dimension) since "
+                          "2026-12-05); resume it with the version that started it, or set "
+                          "diffusion.min_cell_snr in its config.json so that the plan chooses "
+                          f"{2 ** saved} again")
 
 
 def _check_resume_device(run_dir: Path, device: torch.device) -> None:

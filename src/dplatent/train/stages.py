@@ -232,14 +232,15 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
     private = data_mod.load(dataset, "train", data_dir)
     shape = latent_shape(private.image_size, cfg.autoencoder.channels,
                          cfg.autoencoder.latent_channels)
-    check_basis_rank(cfg.diffusion.gaussian_basis, int(np.prod(shape)))
+    latent_dim = int(np.prod(shape))
+    check_basis_rank(cfg.diffusion.gaussian_basis, latent_dim)
     device = device_mod.resolve(cfg.device)
     if resume:
         _check_resume_device(run_dir, device)
         check_release_kept(run_dir)
     source_records = len(private)
     # accounts for the records trained on (plan.n) and chooses the number of cells
-    plan = make_plan(source_records, cfg, private.num_classes, int(np.prod(shape)))
+    plan = make_plan(source_records, cfg, private.num_classes, latent_dim)
     if resume:
         _check_resume_cells(run_dir, plan.gaussian_partition)
     cfg = resolved(cfg, plan)
@@ -288,15 +289,17 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
     return {"timings": timings, "ledger": ledger.to_dict(), "autoencoder": ae, "denoiser": den}
 
 
+def _saved_derived(run_dir: Path) -> dict:
+    """The "derived" part of a run's saved config.json ({} when there is none yet)."""
+    path = run_dir / "config.json"
+    return json.loads(path.read_text()).get("derived", {}) if path.is_file() else {}
+
+
 def _check_resume_cells(run_dir: Path, chosen: int) -> None:
     """A resumed run keeps the cells its plan chose at the start: the rule that chooses them
     (diffusion.min_cell_snr) may read its saved bound otherwise in another version (before
     2026-12-05 it did not scale with the latent's dimension)."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return
-    saved = json.loads(path.read_text()).get("derived", {}).get("privacy_plan", {}).get(
-        "gaussian_partition")
+    saved = _saved_derived(run_dir).get("privacy_plan", {}).get("gaussian_partition")
     if saved is not None and saved != chosen:
         raise ConfigError(f"{run_dir} was planned with {2 ** saved} cells per class, but its "
                           f"saved configuration now gives {2 ** chosen} (diffusion.min_cell_snr "
@@ -308,10 +311,7 @@ def _check_resume_cells(run_dir: Path, chosen: int) -> None:
 
 def _check_resume_device(run_dir: Path, device: torch.device) -> None:
     """Checkpoints hold random generator states of the device they were written on."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return
-    saved = json.loads(path.read_text()).get("derived", {}).get("device", "cpu")
+    saved = _saved_derived(run_dir).get("device", "cpu")
     if torch.device(saved).type != device.type:
         raise ConfigError(f"{run_dir} was trained on {saved}; resume it on the same kind of "
                           f"device (--device {torch.device(saved).type}), not on {device}")

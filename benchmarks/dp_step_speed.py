@@ -16,7 +16,7 @@ from dplatent.diffusion.loss import denoising_loss
 from dplatent.diffusion.schedule import alphas_cumprod
 from dplatent.models.autoencoder import latent_shape, reconstruction_loss
 from dplatent.privacy.dp_training import make_trainer
-from dplatent.train.stages import build_autoencoder, build_denoiser
+from dplatent.train.stages import build_autoencoder, build_denoiser, denoiser_grad_mode
 
 
 def measure(model, loss_fn, n_batch, physical, mode, steps):
@@ -42,20 +42,21 @@ def autoencoder_rate(cfg, steps: int) -> float:
 
 
 def denoiser_rate(cfg, steps: int) -> tuple[float, int]:
-    """(examples/s, parameters) of the preset's stage-2 DP step (ghost clipping) on random
-    latents of the autoencoder's latent size."""
+    """(examples/s, parameters) of the preset's stage-2 DP step (ghost clipping for the MLP,
+    hooks for the conv net) on random latents of the autoencoder's latent size."""
     torch.manual_seed(0)
     d, a = cfg.diffusion, cfg.autoencoder
-    dim = math.prod(latent_shape(28, a.channels, a.latent_channels))
-    z, y = torch.randn(4096, dim), torch.randint(0, 10, (4096,))
+    shape = latent_shape(28, a.channels, a.latent_channels)
+    z, y = torch.randn(4096, math.prod(shape)), torch.randint(0, 10, (4096,))
     acp = alphas_cumprod(d.train_timesteps, d.beta_schedule)
-    den = build_denoiser(cfg, dim, 10)
+    den = build_denoiser(cfg, shape, 10)
 
     def dloss(m, i):
         return denoising_loss(m, z[i], y[i], alphas_cumprod=acp,
                               multiplicity=d.noise_multiplicity, label_dropout=0.1,
                               null_label=10)
-    rate = measure(den, dloss, d.batch_size, d.physical_batch_size, "ghost", steps)
+    rate = measure(den, dloss, d.batch_size, d.physical_batch_size, denoiser_grad_mode(cfg),
+                   steps)
     return rate, sum(p.numel() for p in den.parameters())
 
 
@@ -73,8 +74,8 @@ def main() -> None:
     a, d = cfg.autoencoder, cfg.diffusion
     print(f"threads={torch.get_num_threads()} malloc_tuned={not args.no_malloc_tuning}")
     print(f"autoencoder (hooks): {ae_rate:.0f} examples/s, batch {a.batch_size}")
-    print(f"denoiser (ghost, K={d.noise_multiplicity}, {nparams/1e6:.2f}M params): "
-          f"{den_rate:.0f} examples/s, batch {d.batch_size}")
+    print(f"denoiser ({denoiser_grad_mode(cfg)}, K={d.noise_multiplicity}, "
+          f"{nparams/1e6:.2f}M params): {den_rate:.0f} examples/s, batch {d.batch_size}")
 
 
 if __name__ == "__main__":

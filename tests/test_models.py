@@ -8,7 +8,7 @@ from opacus.validators import ModuleValidator
 from torch.nn import functional as F
 
 from dplatent.models.autoencoder import Autoencoder, reconstruction_loss, standardise
-from dplatent.models.denoiser import Denoiser, timestep_embedding
+from dplatent.models.denoiser import ConvDenoiser, Denoiser, PatchConv, timestep_embedding
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -191,6 +191,62 @@ def test_denoiser_depends_on_timestep_and_label():
     assert not torch.allclose(base, den(z, t, torch.full((3,), den.null_label)))
     with pytest.raises(IndexError):
         den(z, t, torch.full((3,), den.null_label + 1))
+
+
+def conv_denoiser(shape=(2, 6, 6), classes=4, blocks=1, base=None) -> ConvDenoiser:
+    torch.manual_seed(0)
+    den = ConvDenoiser(shape=shape, num_classes=classes, width=16, blocks=blocks, time_dim=16,
+                       base=base)
+    with torch.no_grad():  # the output convolution starts at zero
+        den.out.linear.weight.normal_(0, 0.1)
+    return den
+
+
+def test_patch_conv_is_a_3x3_convolution_with_zero_padding():
+    torch.manual_seed(0)
+    pc = PatchConv(3, 5)
+    x = torch.randn(4, 3, 7, 6)
+    want = F.conv2d(x, pc.linear.weight.view(5, 3, 3, 3), pc.linear.bias, padding=1)
+    torch.testing.assert_close(pc(x), want, rtol=1e-5, atol=1e-5)
+    # extra leading axes are carried through
+    torch.testing.assert_close(pc(x.view(2, 2, 3, 7, 6)), want.view(2, 2, 5, 7, 6),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_conv_denoiser_shapes_multi_draw_axis_and_zero_start():
+    den = conv_denoiser()
+    assert den.null_label == 4 and den.dim == 72
+    zk, tk, yk = (torch.randn(5, 3, 72), torch.randint(0, 100, (5, 3)),
+                  torch.randint(0, 5, (5, 3)))
+    out = den(zk, tk, yk)
+    assert out.shape == (5, 3, 72)
+    flat = den(zk.reshape(15, 72), tk.reshape(15), yk.reshape(15)).reshape(5, 3, 72)
+    torch.testing.assert_close(out, flat, rtol=1e-5, atol=1e-6)
+    fresh = ConvDenoiser(shape=(2, 6, 6), num_classes=4, width=16, blocks=1)
+    assert torch.count_nonzero(fresh(zk, tk, yk)) == 0
+    assert ModuleValidator.validate(den, strict=False) == []
+
+
+def test_conv_denoiser_is_local_on_the_latent_map():
+    """Four 3x3 convolutions (in, two in the block, out): a change at one corner of a 12 x 12
+    map reaches 4 positions away, not the opposite corner. Normalisation is per channel group
+    over the whole map, so far positions move a little; near ones much more."""
+    den = conv_denoiser(shape=(1, 12, 12))
+    z, t, y = torch.randn(1, 144), torch.tensor([300]), torch.tensor([1])
+    dz = torch.zeros(1, 144)
+    dz[0, 0] = 5.0
+    diff = (den(z + dz, t, y) - den(z, t, y)).abs().view(12, 12)
+    assert float(diff[:2, :2].max()) > 20 * float(diff[8:, 8:].max())
+
+
+def test_conv_denoiser_adds_the_base():
+    class Base(torch.nn.Module):
+        def forward(self, z, t, y):
+            return 2 * z
+    den = conv_denoiser(base=Base())
+    plain = conv_denoiser()
+    z, t, y = torch.randn(3, 72), torch.randint(0, 100, (3,)), torch.randint(0, 4, (3,))
+    torch.testing.assert_close(den(z, t, y), plain(z, t, y) + 2 * z)
 
 
 def test_timestep_embedding():

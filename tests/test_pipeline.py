@@ -285,3 +285,36 @@ def test_training_loop_survives_empty_poisson_batches(tmp_path, single_thread):
     assert [r["step"] for r in log] == [1, 2, 3] and all(r["loss"] is None for r in log)
     # noise alone moved the weights
     assert any(not torch.equal(before[k], v) for k, v in out.state_dict().items())
+
+
+@pytest.mark.slow
+def test_the_conv_denoiser_trains_samples_and_resumes_through_the_cli(dataset, tmp_path):
+    """`diffusion.architecture = conv`: the run's ledger is the MLP's (same plan), its
+    checkpoint holds the conv net, `sample` rebuilds it from the saved config, and a resume
+    of the finished run leaves it as it was."""
+    run = tmp_path / "conv"
+    threads = torch.get_num_threads()
+    try:
+        code, out, err = cli("train", "--out", run, "--dataset", dataset, *SMOKE,
+                             "--set", "diffusion.architecture=conv",
+                             "--set", "diffusion.hidden=8", "--set", "diffusion.blocks=1",
+                             "--no-progress", "--no-grid")
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    saved = json.loads((run / "config.json").read_text())["diffusion"]
+    assert saved["architecture"] == "conv" and saved["hidden"] == 8
+    weights = torch.load(run / "checkpoints" / "diffusion.pt", weights_only=True)
+    names = set(weights["model"]) if "model" in weights else set(weights)
+    assert any("blocks.0.conv1.linear.weight" in k for k in names), sorted(names)[:5]
+    ledger = json.loads((run / "privacy.json").read_text())
+    assert ledger["epsilon"] <= EPSILON * (1 + 1e-6)
+    code, stdout, err = cli("sample", "--run", run, "--num", 20, "--out", tmp_path / "s.npz",
+                            "--no-progress")
+    assert code == 0, err
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["x"].shape == (20, 28, 28) and f["x"].std() > 0
+    before = digest(run / "checkpoints" / "diffusion.pt")
+    code, _, err = cli("train", "--out", run, "--resume", "--no-grid", "--no-progress")
+    assert code == 0, err
+    assert digest(run / "checkpoints" / "diffusion.pt") == before

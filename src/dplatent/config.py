@@ -25,6 +25,7 @@ MAX_DECODE_NOISE = 3.0                # sampling.decode_noise (the latent has un
 MAX_REENCODE = 10                     # sampling.reencode (passes through the autoencoder)
 UPSAMPLING = ("nearest", "shuffle")   # autoencoder.upsample
 PREDICTIONS = ("v", "epsilon")        # diffusion.prediction
+ARCHITECTURES = ("mlp", "conv")       # diffusion.architecture
 
 PRESET_DIRS = (Path(__file__).resolve().parents[2] / "configs",)
 
@@ -81,9 +82,12 @@ class AutoencoderConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DiffusionConfig:
-    """Stage 2: class-conditional residual-MLP denoiser on the flat latent, DP-SGD."""
+    """Stage 2: class-conditional denoiser of the latent, DP-SGD."""
 
-    hidden: int = 512
+    # 'mlp': residual MLP on the flat latent (ghost clipping); 'conv': residual 3x3 conv net
+    # on the latent's C x H x W map (per-example gradients from hooks; models/denoiser.py).
+    architecture: str = "mlp"
+    hidden: int = 512                      # MLP: hidden units; conv: channels (multiple of 8)
     blocks: int = 4
     expansion: int = 2
     epochs: float = 20.0
@@ -132,6 +136,10 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         _check(self.hidden > 0 and self.blocks > 0 and self.expansion > 0,
                "diffusion.hidden, blocks and expansion must be > 0")
+        _one_of("diffusion.architecture", self.architecture, ARCHITECTURES)
+        _check(self.architecture != "conv" or self.hidden % 8 == 0,
+               f"diffusion.hidden must be a multiple of 8 with architecture 'conv' (its "
+               f"channels, in groups of 8), got {self.hidden}")
         _check(self.epochs > 0, "diffusion.epochs must be > 0")
         _check(self.batch_size > 0 and self.physical_batch_size > 0,
                "diffusion batch sizes must be > 0")

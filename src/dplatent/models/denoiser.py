@@ -1,4 +1,5 @@
-"""Class-conditional residual-MLP denoiser on the flat latent.
+"""Class-conditional denoisers of the latent: a residual MLP on the flat latent (default) and
+a residual convolutional net on the latent's map (`diffusion.architecture = "conv"`).
 
 Chosen for quality per CPU-second under DP-SGD: its layers are Linear and Embedding only, for
 which Opacus' ghost clipping computes per-example gradient norms without materialising
@@ -7,6 +8,14 @@ Inputs may carry an extra axis of K noise draws per example ([B, K, D]): Linear 
 as a sequence, and the per-example gradient covers all K draws.
 
 Label index `num_classes` is the null label used for classifier-free guidance.
+
+The convolutional net keeps the latent's C x H x W layout, so neighbouring latent positions
+(neighbouring image regions) are modelled by shared local filters instead of one dense map.
+Its 3x3 convolutions are unfold + Linear: Opacus' Linear grad sampler then gives exact
+per-example gradients over any leading axes, so the K noise draws of an example stay inside
+that example (a Conv2d would see B*K separate inputs). Its normalisations have no parameters.
+It needs per-example gradients from hooks (grad mode 'hooks'), not ghost clipping, whose
+Linear norms take at most one extra axis.
 
 With a `base` (diffusion/gaussian_base.py: the exact denoiser of the DP class Gaussians) the
 network's output is added to the base's, and the output layer starts at zero, so training
@@ -75,4 +84,78 @@ class Denoiser(nn.Module):
         for block in self.blocks:
             h = block(h, cond)
         out = self.out(F.silu(self.norm(h)))
+        return out if self.base is None else out + self.base(z, t, y)
+
+
+def _group_norm(h: torch.Tensor, groups: int) -> torch.Tensor:
+    """Parameter-free GroupNorm of [..., C, H, W] (any leading axes)."""
+    return F.group_norm(h.reshape(-1, *h.shape[-3:]), groups).view_as(h)
+
+
+class PatchConv(nn.Module):
+    """A k x k convolution with zero padding k // 2 on [..., C, H, W], as unfold + Linear."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int = 3):
+        super().__init__()
+        self.kernel = kernel
+        self.linear = nn.Linear(c_in * kernel * kernel, c_out)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        lead, (c, height, width) = h.shape[:-3], h.shape[-3:]
+        cols = F.unfold(h.reshape(-1, c, height, width), self.kernel, padding=self.kernel // 2)
+        out = self.linear(cols.transpose(1, 2).reshape(*lead, height * width, -1))
+        return out.transpose(-1, -2).reshape(*lead, -1, height, width)
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, width: int, groups: int):
+        super().__init__()
+        self.groups = groups
+        self.film = nn.Linear(width, 2 * width)
+        self.conv1 = PatchConv(width, width)
+        self.conv2 = PatchConv(width, width)
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.film(cond)[..., None, None].chunk(2, dim=-3)
+        a = F.silu(_group_norm(h, self.groups) * (1 + scale) + shift)
+        return h + self.conv2(F.silu(_group_norm(self.conv1(a), self.groups)))
+
+
+class ConvDenoiser(nn.Module):
+    """Predicts the noise epsilon from (noisy flat latent, timestep, label), on the latent's
+    map `shape` = (C, H, W). `width` channels throughout, `blocks` residual blocks of two 3x3
+    convolutions each, FiLM-conditioned on timestep and label. The output convolution starts
+    at zero (with a base: training starts from the Gaussian model, as for the MLP)."""
+
+    GROUPS = 8
+
+    def __init__(self, *, shape: tuple[int, int, int], num_classes: int, width: int,
+                 blocks: int, time_dim: int = 128, base: nn.Module | None = None):
+        super().__init__()
+        if width % self.GROUPS:
+            raise ValueError(f"width must be a multiple of {self.GROUPS}, got {width}")
+        self.shape, self.num_classes, self.time_dim = tuple(shape), num_classes, time_dim
+        self.dim = int(math.prod(shape))
+        self.inp = PatchConv(shape[0], width)
+        self.time = nn.Linear(time_dim, width)
+        self.label = nn.Embedding(num_classes + 1, width)
+        self.cond = nn.Linear(width, width)
+        self.blocks = nn.ModuleList(ConvBlock(width, self.GROUPS) for _ in range(blocks))
+        self.out = PatchConv(width, shape[0])
+        nn.init.zeros_(self.out.linear.weight)
+        nn.init.zeros_(self.out.linear.bias)
+        self.base = base
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """z: [..., D] (D = C H W); t and y: [...] matching z's leading axes."""
+        cond = self.cond(F.silu(self.time(timestep_embedding(t, self.time_dim))
+                                + self.label(y)))
+        h = self.inp(z.reshape(*z.shape[:-1], *self.shape))
+        for block in self.blocks:
+            h = block(h, cond)
+        out = self.out(F.silu(_group_norm(h, self.GROUPS))).reshape(z.shape)
         return out if self.base is None else out + self.base(z, t, y)

@@ -30,7 +30,7 @@ from dplatent.errors import ConfigError, PrivacyError
 from dplatent.io import atomic_write, write_json
 from dplatent.models.autoencoder import (Autoencoder, latent_shape, reconstruction_loss,
                                         standardise)
-from dplatent.models.denoiser import Denoiser
+from dplatent.models.denoiser import ConvDenoiser, Denoiser
 from dplatent.privacy.accounting import GAUSSIAN_STAGE, PARTITION_STAGE, PrivacyPlan, resolved
 from dplatent.privacy.accounting import plan as make_plan
 from dplatent.privacy.ledger import FILENAME as LEDGER
@@ -49,12 +49,13 @@ def build_autoencoder(cfg: RunConfig, channels: int, image_size: int) -> Autoenc
                        upsample=a.upsample)
 
 
-def build_denoiser(cfg: RunConfig, dim: int, num_classes: int,
-                   gaussians: Gaussians | None = None) -> Denoiser:
-    """With `diffusion.gaussian_base`, the denoiser carries the Gaussian base: set from
-    `gaussians` (means, covariances, cell weights) when given, else left to a checkpoint to
-    fill."""
+def build_denoiser(cfg: RunConfig, shape: tuple[int, int, int], num_classes: int,
+                   gaussians: Gaussians | None = None) -> Denoiser | ConvDenoiser:
+    """The denoiser of `diffusion.architecture` for latents of `shape` (C, H, W). With
+    `diffusion.gaussian_base`, it carries the Gaussian base: set from `gaussians` (means,
+    covariances, cell weights) when given, else left to a checkpoint to fill."""
     d = cfg.diffusion
+    dim = int(np.prod(shape))
     base = None
     if d.gaussian_base:
         base = gaussian_base.GaussianBase(
@@ -63,8 +64,17 @@ def build_denoiser(cfg: RunConfig, dim: int, num_classes: int,
             cells_per_class=2 ** d.gaussian_partition)
         if gaussians is not None:
             base.set_gaussians(*gaussians)
+    if d.architecture == "conv":
+        return ConvDenoiser(shape=shape, num_classes=num_classes, width=d.hidden,
+                            blocks=d.blocks, base=base)
     return Denoiser(dim=dim, num_classes=num_classes, hidden=d.hidden, blocks=d.blocks,
                     expansion=d.expansion, base=base)
+
+
+def denoiser_grad_mode(cfg: RunConfig) -> str:
+    """Ghost clipping for the MLP (Linear and Embedding layers only); per-example gradients
+    from hooks for the conv net (its unfolded convolutions have two extra axes)."""
+    return "hooks" if cfg.diffusion.architecture == "conv" else "ghost"
 
 
 def train_autoencoder(images: torch.Tensor, cfg: RunConfig, plan: PrivacyPlan, ledger: Ledger,
@@ -184,12 +194,11 @@ def release_basis(autoencoder: Autoencoder, rank: int, seed: int) -> torch.Tenso
 
 
 def train_diffusion(latents: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                    cfg: RunConfig, plan: PrivacyPlan, ledger: Ledger, run_dir: Path,
-                    progress: bool = True,
-                    gaussians: Gaussians | None = None) -> Denoiser:
+                    shape: tuple[int, int, int], cfg: RunConfig, plan: PrivacyPlan,
+                    ledger: Ledger, run_dir: Path, progress: bool = True,
+                    gaussians: Gaussians | None = None) -> Denoiser | ConvDenoiser:
     d = cfg.diffusion
-    model = build_denoiser(cfg, latents.shape[1], num_classes,
-                           gaussians).to(latents.device)
+    model = build_denoiser(cfg, shape, num_classes, gaussians).to(latents.device)
     acp = alphas_cumprod(d.train_timesteps, d.beta_schedule).to(latents.device)
 
     def loss_fn(module, idx, gen):
@@ -200,7 +209,8 @@ def train_diffusion(latents: torch.Tensor, labels: torch.Tensor, num_classes: in
                               timestep_skew=d.timestep_skew, generator=gen)
 
     settings = StageSettings(name="diffusion", plan=plan.stage("diffusion"), lr=d.lr,
-                             physical_batch_size=d.physical_batch_size, grad_mode="ghost",
+                             physical_batch_size=d.physical_batch_size,
+                             grad_mode=denoiser_grad_mode(cfg),
                              ema_decay=d.ema_decay, checkpoint_every=cfg.checkpoint_every,
                              seed=cfg.seed + 1)
     return train_stage(model, len(latents), loss_fn, settings, ledger, run_dir, progress)
@@ -280,8 +290,8 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
     latents = encode(ae, images)
     gaussians = (release_gaussians(latents, labels, private.num_classes, cfg, plan, ledger,
                                    run_dir, ae) if cfg.diffusion.gaussian_base else None)
-    den = train_diffusion(latents, labels, private.num_classes, cfg, plan, ledger, run_dir,
-                          progress, gaussians)
+    den = train_diffusion(latents, labels, private.num_classes, shape, cfg, plan, ledger,
+                          run_dir, progress, gaussians)
     timings["diffusion_s"] = time.time() - t
     del latents, images
     if main:

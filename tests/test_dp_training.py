@@ -60,6 +60,7 @@ class Stage:
 
     mode: str
     model: nn.Module
+    random_loss = False    # whether the loss draws random numbers (the denoisers' noise draws)
 
     def loss(self, module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -111,6 +112,7 @@ class AutoencoderStage(Stage):
 
 class DenoiserStage(Stage):
     mode = "ghost"
+    random_loss = True
     dim = 6
     seed = 123
 

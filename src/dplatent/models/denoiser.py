@@ -3,7 +3,8 @@ a residual convolutional net on the latent's map (`diffusion.architecture = "con
 
 The MLP is chosen for quality per CPU-second under DP-SGD: its layers are Linear and Embedding
 only, for which Opacus' ghost clipping computes per-example gradient norms without
-materialising per-example gradients. LayerNorm has no affine parameters, so every weight is ghost-clippable.
+materialising per-example gradients. LayerNorm has no affine parameters, so every weight is
+ghost-clippable.
 Inputs may carry an extra axis of K noise draws per example ([B, K, D]): Linear layers treat it
 as a sequence, and the per-example gradient covers all K draws.
 

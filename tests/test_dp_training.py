@@ -236,6 +236,26 @@ def test_replayed_draws_reproduce_the_library_denoising_loss():
     assert drop.any() and not drop.all(), "the draws should use both real and null labels"
 
 
+def assert_hooks_grad_samples_match_the_loop(s: Stage) -> list[torch.Tensor]:
+    """Opacus' per-example gradients from hooks (before clipping), one chunk of all examples,
+    against each example's gradient alone; returns the reference gradients per parameter."""
+    chunks = chunked(N_EXAMPLES, N_EXAMPLES)
+    ref = per_example_grads(s, chunks)
+    opt = RecordingSGD(s.model.parameters())
+    trainer = make_trainer(s.model, opt, mode="hooks", noise_multiplier=0.0, clip_norm=1.0,
+                           expected_batch_size=EXPECTED_BATCH)
+    try:
+        trainer.backward(s.loss(trainer.module, chunks[0]))
+        samples = [p.grad_sample for p in s.model.parameters()]
+    finally:
+        trainer.close()
+    wants = [torch.stack([ref[i][j] for i in range(N_EXAMPLES)]) for j in range(len(samples))]
+    scale = max(float(w.abs().max()) for w in wants)
+    for got, want in zip(samples, wants):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5 * scale)
+    return wants
+
+
 @pytest.mark.parametrize("contiguous,blocks,upsample,latent_noise",
                          [(True, 0, "nearest", 0.0), (False, 0, "nearest", 0.0),
                           (True, 2, "shuffle", 0.0), (True, 0, "nearest", 0.4)],
@@ -248,42 +268,15 @@ def test_hooks_per_example_gradients_of_the_autoencoder_match_the_explicit_loop(
     latent noise (each example's gradient is that of its own noisy reconstruction)."""
     s = AutoencoderStage(contiguous=contiguous, decoder_blocks=blocks, upsample=upsample,
                          latent_noise=latent_noise)
-    chunks = chunked(N_EXAMPLES, N_EXAMPLES)
-    ref = per_example_grads(s, chunks)
-    opt = RecordingSGD(s.model.parameters())
-    trainer = make_trainer(s.model, opt, mode="hooks", noise_multiplier=0.0, clip_norm=1.0,
-                           expected_batch_size=EXPECTED_BATCH)
-    try:
-        trainer.backward(s.loss(trainer.module, chunks[0]))
-        samples = [p.grad_sample for p in s.model.parameters()]
-    finally:
-        trainer.close()
-    wants = [torch.stack([ref[i][j] for i in range(N_EXAMPLES)]) for j in range(len(samples))]
-    scale = max(float(w.abs().max()) for w in wants)
-    for got, want in zip(samples, wants):
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5 * scale)
+    assert_hooks_grad_samples_match_the_loop(s)
 
 
 def test_hooks_per_example_gradients_of_the_conv_denoiser_match_the_explicit_loop():
     """Each example's gradient covers its own K noise draws (K > 1 here), through every
     unfolded convolution, the FiLM layers and the label embedding."""
-    s = ConvDenoiserStage()
     assert K > 1
-    chunks = chunked(N_EXAMPLES, N_EXAMPLES)
-    ref = per_example_grads(s, chunks)
-    opt = RecordingSGD(s.model.parameters())
-    trainer = make_trainer(s.model, opt, mode="hooks", noise_multiplier=0.0, clip_norm=1.0,
-                           expected_batch_size=EXPECTED_BATCH)
-    try:
-        trainer.backward(s.loss(trainer.module, chunks[0]))
-        samples = [p.grad_sample for p in s.model.parameters()]
-    finally:
-        trainer.close()
-    wants = [torch.stack([ref[i][j] for i in range(N_EXAMPLES)]) for j in range(len(samples))]
+    wants = assert_hooks_grad_samples_match_the_loop(ConvDenoiserStage())
     assert all(float(w.abs().max()) > 0 for w in wants), "every parameter should get a gradient"
-    scale = max(float(w.abs().max()) for w in wants)
-    for got, want in zip(samples, wants):
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5 * scale)
 
 
 def test_ghost_norms_of_the_denoiser_match_the_explicit_loop():

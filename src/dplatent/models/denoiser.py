@@ -54,7 +54,23 @@ class ResBlock(nn.Module):
         return h + self.fc2(F.silu(self.fc1(F.silu(a))))
 
 
-class Denoiser(nn.Module):
+class Conditioned(nn.Module):
+    """What both denoisers share: the null label, and the conditioning vector of (timestep,
+    label) from their `time`, `label` and `cond` layers, which each sets up at its width."""
+
+    num_classes: int
+    time_dim: int
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.cond(F.silu(self.time(timestep_embedding(t, self.time_dim))
+                                + self.label(y)))
+
+
+class Denoiser(Conditioned):
     """Predicts the noise epsilon from (noisy latent, timestep, label)."""
 
     def __init__(self, *, dim: int, num_classes: int, hidden: int, blocks: int, expansion: int,
@@ -73,14 +89,9 @@ class Denoiser(nn.Module):
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
 
-    @property
-    def null_label(self) -> int:
-        return self.num_classes
-
     def forward(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """z: [..., D]; t and y: [...] matching z's leading axes."""
-        cond = self.cond(F.silu(self.time(timestep_embedding(t, self.time_dim))
-                                + self.label(y)))
+        cond = self.condition(t, y)
         h = self.inp(z)
         for block in self.blocks:
             h = block(h, cond)
@@ -122,7 +133,7 @@ class ConvBlock(nn.Module):
         return h + self.conv2(F.silu(_group_norm(self.conv1(a), self.groups)))
 
 
-class ConvDenoiser(nn.Module):
+class ConvDenoiser(Conditioned):
     """Predicts the noise epsilon from (noisy flat latent, timestep, label), on the latent's
     map `shape` = (C, H, W). `width` channels throughout, `blocks` residual blocks of two 3x3
     convolutions each, FiLM-conditioned on timestep and label. The output convolution starts
@@ -147,14 +158,9 @@ class ConvDenoiser(nn.Module):
         nn.init.zeros_(self.out.linear.bias)
         self.base = base
 
-    @property
-    def null_label(self) -> int:
-        return self.num_classes
-
     def forward(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """z: [..., D] (D = C H W); t and y: [...] matching z's leading axes."""
-        cond = self.cond(F.silu(self.time(timestep_embedding(t, self.time_dim))
-                                + self.label(y)))
+        cond = self.condition(t, y)
         h = self.inp(z.reshape(*z.shape[:-1], *self.shape))
         for block in self.blocks:
             h = block(h, cond)

@@ -211,6 +211,18 @@ def test_patch_conv_is_a_3x3_convolution_with_zero_padding():
     # extra leading axes are carried through
     torch.testing.assert_close(pc(x.view(2, 2, 3, 7, 6)), want.view(2, 2, 5, 7, 6),
                                rtol=1e-5, atol=1e-5)
+    # the path taken without autograd (sampling) computes the same map
+    with torch.no_grad():
+        torch.testing.assert_close(pc(x.view(2, 2, 3, 7, 6)), want.view(2, 2, 5, 7, 6),
+                                   rtol=1e-5, atol=1e-5)
+    # and the unfold path is the one autograd sees: Opacus hooks a Linear on patches
+    seen = []
+    handle = pc.linear.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    pc(x)
+    with torch.no_grad():
+        pc(x)
+    handle.remove()
+    assert seen == [torch.Size([4, 42, 27])]
 
 
 def test_conv_denoiser_shapes_multi_draw_axis_and_zero_start():

@@ -105,7 +105,8 @@ def _group_norm(h: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 class PatchConv(nn.Module):
-    """A k x k convolution with zero padding k // 2 on [..., C, H, W], as unfold + Linear."""
+    """A k x k convolution with zero padding k // 2 on [..., C, H, W], as unfold + Linear
+    (so per-example gradient hooks see one Linear); without autograd, as F.conv2d."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int = 3):
         super().__init__()
@@ -114,6 +115,11 @@ class PatchConv(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         lead, (c, height, width) = h.shape[:-3], h.shape[-3:]
+        if not torch.is_grad_enabled():  # sampling: the same map through the native conv
+            weight = self.linear.weight.reshape(-1, c, self.kernel, self.kernel)
+            out = F.conv2d(h.reshape(-1, c, height, width), weight, self.linear.bias,
+                           padding=self.kernel // 2)
+            return out.reshape(*lead, -1, height, width)
         cols = F.unfold(h.reshape(-1, c, height, width), self.kernel, padding=self.kernel // 2)
         out = self.linear(cols.transpose(1, 2).reshape(*lead, height * width, -1))
         return out.transpose(-1, -2).reshape(*lead, -1, height, width)

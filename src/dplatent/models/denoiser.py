@@ -120,7 +120,10 @@ class PatchConv(nn.Module):
             out = F.conv2d(h.reshape(-1, c, height, width), weight, self.linear.bias,
                            padding=self.kernel // 2)
             return out.reshape(*lead, -1, height, width)
-        cols = F.unfold(h.reshape(-1, c, height, width), self.kernel, padding=self.kernel // 2)
+        # unfold is about 4x slower on a non-contiguous map, which the previous PatchConv's
+        # output (a transposed view) is
+        cols = F.unfold(h.reshape(-1, c, height, width).contiguous(), self.kernel,
+                        padding=self.kernel // 2)
         out = self.linear(cols.transpose(1, 2).reshape(*lead, height * width, -1))
         return out.transpose(-1, -2).reshape(*lead, -1, height, width)
 

@@ -115,15 +115,14 @@ class PatchConv(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         lead, (c, height, width) = h.shape[:-3], h.shape[-3:]
+        maps = h.reshape(-1, c, height, width)
         if not torch.is_grad_enabled():  # sampling: the same map through the native conv
             weight = self.linear.weight.reshape(-1, c, self.kernel, self.kernel)
-            out = F.conv2d(h.reshape(-1, c, height, width), weight, self.linear.bias,
-                           padding=self.kernel // 2)
+            out = F.conv2d(maps, weight, self.linear.bias, padding=self.kernel // 2)
             return out.reshape(*lead, -1, height, width)
         # unfold is about 4x slower on a non-contiguous map, which the previous PatchConv's
         # output (a transposed view) is
-        cols = F.unfold(h.reshape(-1, c, height, width).contiguous(), self.kernel,
-                        padding=self.kernel // 2)
+        cols = F.unfold(maps.contiguous(), self.kernel, padding=self.kernel // 2)
         out = self.linear(cols.transpose(1, 2).reshape(*lead, height * width, -1))
         return out.transpose(-1, -2).reshape(*lead, -1, height, width)
 

@@ -24,7 +24,7 @@ from dplatent.diffusion.sampler import initial_noise, sample_latents  # noqa: E4
 from dplatent.errors import ConfigError, DplatentError  # noqa: E402
 from dplatent.io import atomic_folder, atomic_write, sha256_file  # noqa: E402
 from dplatent.models.autoencoder import Autoencoder  # noqa: E402
-from dplatent.models.denoiser import ConvDenoiser, Denoiser  # noqa: E402
+from dplatent.models.denoiser import LatentDenoiser  # noqa: E402
 from dplatent.train.loop import checkpoint_path, final_weights, load_checkpoint  # noqa: E402
 from dplatent.train.stages import build_autoencoder, build_denoiser  # noqa: E402
 
@@ -78,7 +78,7 @@ class TrainedRun:
         ae.load_state_dict(final_weights(self._checkpoint("autoencoder")))
         return ae.to(self.device).eval()
 
-    def _load_denoiser(self) -> Denoiser | ConvDenoiser:
+    def _load_denoiser(self) -> LatentDenoiser:
         den = build_denoiser(self.cfg, self.autoencoder.latent_shape, self.num_classes)
         den.load_state_dict(final_weights(self._checkpoint("diffusion")))
         return den.to(self.device).eval()

@@ -174,3 +174,7 @@ class ConvDenoiser(Conditioned):
             h = block(h, cond)
         out = self.out(F.silu(_group_norm(h, self.GROUPS))).reshape(z.shape)
         return out if self.base is None else out + self.base(z, t, y)
+
+
+# Either architecture: what `diffusion.architecture` builds (train/stages.py).
+LatentDenoiser = Denoiser | ConvDenoiser

@@ -30,7 +30,7 @@ from dplatent.errors import ConfigError, PrivacyError
 from dplatent.io import atomic_write, write_json
 from dplatent.models.autoencoder import (Autoencoder, latent_shape, reconstruction_loss,
                                         standardise)
-from dplatent.models.denoiser import ConvDenoiser, Denoiser
+from dplatent.models.denoiser import ConvDenoiser, Denoiser, LatentDenoiser
 from dplatent.privacy.accounting import GAUSSIAN_STAGE, PARTITION_STAGE, PrivacyPlan, resolved
 from dplatent.privacy.accounting import plan as make_plan
 from dplatent.privacy.ledger import FILENAME as LEDGER
@@ -50,7 +50,7 @@ def build_autoencoder(cfg: RunConfig, channels: int, image_size: int) -> Autoenc
 
 
 def build_denoiser(cfg: RunConfig, shape: tuple[int, int, int], num_classes: int,
-                   gaussians: Gaussians | None = None) -> Denoiser | ConvDenoiser:
+                   gaussians: Gaussians | None = None) -> LatentDenoiser:
     """The denoiser of `diffusion.architecture` for latents of `shape` (C, H, W). With
     `diffusion.gaussian_base`, it carries the Gaussian base: set from `gaussians` (means,
     covariances, cell weights) when given, else left to a checkpoint to fill."""
@@ -196,7 +196,7 @@ def release_basis(autoencoder: Autoencoder, rank: int, seed: int) -> torch.Tenso
 def train_diffusion(latents: torch.Tensor, labels: torch.Tensor, num_classes: int,
                     shape: tuple[int, int, int], cfg: RunConfig, plan: PrivacyPlan,
                     ledger: Ledger, run_dir: Path, progress: bool = True,
-                    gaussians: Gaussians | None = None) -> Denoiser | ConvDenoiser:
+                    gaussians: Gaussians | None = None) -> LatentDenoiser:
     d = cfg.diffusion
     model = build_denoiser(cfg, shape, num_classes, gaussians).to(latents.device)
     acp = alphas_cumprod(d.train_timesteps, d.beta_schedule).to(latents.device)

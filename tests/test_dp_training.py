@@ -153,7 +153,7 @@ class ConvDenoiserStage(DenoiserStage):
         self.model = ConvDenoiser(shape=self.shape, num_classes=CLASSES, width=16, blocks=1,
                                   time_dim=8)
         with torch.no_grad():  # its output layer starts at zero; give every weight a gradient
-            self.model.out.linear.weight.normal_(0, 0.3)
+            self.model.out.weight.normal_(0, 0.3)
         # latents of different scales, so the per-example norms spread (median_clip's need)
         self.z = self.z * torch.linspace(0.2, 3.0, N_EXAMPLES)[:, None]
 

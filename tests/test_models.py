@@ -198,7 +198,7 @@ def conv_denoiser(shape=(2, 6, 6), classes=4, blocks=1, base=None) -> ConvDenois
     den = ConvDenoiser(shape=shape, num_classes=classes, width=16, blocks=blocks, time_dim=16,
                        base=base)
     with torch.no_grad():  # the output convolution starts at zero
-        den.out.linear.weight.normal_(0, 0.1)
+        den.out.weight.normal_(0, 0.1)
     return den
 
 
@@ -206,23 +206,36 @@ def test_patch_conv_is_a_3x3_convolution_with_zero_padding():
     torch.manual_seed(0)
     pc = PatchConv(3, 5)
     x = torch.randn(4, 3, 7, 6)
-    want = F.conv2d(x, pc.linear.weight.view(5, 3, 3, 3), pc.linear.bias, padding=1)
+    want = F.conv2d(x, pc.weight, pc.bias, padding=1)
     torch.testing.assert_close(pc(x), want, rtol=1e-5, atol=1e-5)
+    # zero padding: a corner output sees only the 2 x 2 in-map part of its kernel
+    corner = (pc.weight[:, :, 1:, 1:] * x[0, :, :2, :2]).sum(dim=(1, 2, 3)) + pc.bias
+    torch.testing.assert_close(pc(x)[0, :, 0, 0], corner, rtol=1e-5, atol=1e-5)
     # extra leading axes are carried through
     torch.testing.assert_close(pc(x.view(2, 2, 3, 7, 6)), want.view(2, 2, 5, 7, 6),
                                rtol=1e-5, atol=1e-5)
-    # the path taken without autograd (sampling) computes the same map
-    with torch.no_grad():
-        torch.testing.assert_close(pc(x.view(2, 2, 3, 7, 6)), want.view(2, 2, 5, 7, 6),
-                                   rtol=1e-5, atol=1e-5)
-    # and the unfold path is the one autograd sees: Opacus hooks a Linear on patches
-    seen = []
-    handle = pc.linear.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
-    pc(x)
-    with torch.no_grad():
-        pc(x)
-    handle.remove()
-    assert seen == [torch.Size([4, 42, 27])]
+
+
+def test_patch_conv_initialises_and_loads_as_the_linear_on_patches_it_replaced():
+    """Until 2026-12-06 the layer was nn.Linear(C_in k k, C_out) on unfolded patches: the
+    same seed gives the same numbers, and a checkpoint of that layout gives the same map."""
+    torch.manual_seed(3)
+    old = torch.nn.Linear(3 * 9, 5)
+    torch.manual_seed(3)
+    pc = PatchConv(3, 5)
+    torch.testing.assert_close(pc.weight.reshape(5, 27), old.weight, rtol=0, atol=0)
+    torch.testing.assert_close(pc.bias, old.bias, rtol=0, atol=0)
+
+    x = torch.randn(2, 3, 5, 4)
+    cols = F.unfold(x, 3, padding=1)                                    # [2, 27, 20]
+    want = old(cols.transpose(1, 2)).transpose(1, 2).reshape(2, 5, 5, 4)
+    fresh = PatchConv(3, 5)
+    fresh.load_state_dict({"linear.weight": old.weight.detach().clone(),
+                           "linear.bias": old.bias.detach().clone()})
+    torch.testing.assert_close(fresh(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        PatchConv(3, 5).load_state_dict({"linear.weight": old.weight.detach().clone()},
+                                        strict=True)
 
 
 def test_conv_denoiser_shapes_multi_draw_axis_and_zero_start():

@@ -306,7 +306,7 @@ def test_the_conv_denoiser_trains_samples_and_resumes_through_the_cli(dataset, t
     assert saved["architecture"] == "conv" and saved["hidden"] == 8
     weights = torch.load(run / "checkpoints" / "diffusion.pt", weights_only=True)
     names = set(weights["model"])
-    assert any("blocks.0.conv1.linear.weight" in k for k in names), sorted(names)[:5]
+    assert any("blocks.0.conv1.weight" in k for k in names), sorted(names)[:5]
     ledger = json.loads((run / "privacy.json").read_text())
     assert ledger["epsilon"] <= EPSILON * (1 + 1e-6)
     code, stdout, err = cli("sample", "--run", run, "--num", 20, "--out", tmp_path / "s.npz",

@@ -12,11 +12,10 @@ Label index `num_classes` is the null label used for classifier-free guidance.
 
 The convolutional net keeps the latent's C x H x W layout, so neighbouring latent positions
 (neighbouring image regions) are modelled by shared local filters instead of one dense map.
-Its 3x3 convolutions are unfold + Linear: Opacus' Linear grad sampler then gives exact
-per-example gradients over any leading axes, so the K noise draws of an example stay inside
-that example (a Conv2d would see B*K separate inputs). Its normalisations have no parameters.
-It needs per-example gradients from hooks (grad mode 'hooks'), not ghost clipping, whose
-Linear norms take at most one extra axis.
+Its 3x3 convolutions run as F.conv2d over all of an example's K noise draws; their
+per-example gradient (privacy/grad_samplers.py) sums over the draws, so they stay inside that
+example (an Opacus Conv2d would see B*K separate inputs). Its normalisations have no parameters.
+It needs per-example gradients from hooks (grad mode 'hooks'), not ghost clipping.
 
 With a `base` (diffusion/gaussian_base.py: the exact denoiser of the DP class Gaussians) the
 network's output is added to the base's, and the output layer starts at zero, so training
@@ -105,26 +104,37 @@ def _group_norm(h: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 class PatchConv(nn.Module):
-    """A k x k convolution with zero padding k // 2 on [..., C, H, W], as unfold + Linear
-    (so per-example gradient hooks see one Linear); without autograd, as F.conv2d."""
+    """A k x k convolution with zero padding k // 2 on [..., C, H, W]: any leading axes (an
+    example's K noise draws) are folded into the batch of one F.conv2d. Its per-example
+    gradient, which sums over the leading axes after the first, is registered with Opacus in
+    privacy/grad_samplers.py (a Conv2d would give one gradient per draw)."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int = 3):
         super().__init__()
         self.kernel = kernel
-        self.linear = nn.Linear(c_in * kernel * kernel, c_out)
+        # laid out and initialised as the Linear on unfolded patches that this layer was
+        # until 2026-12-06 (same draws, same values); old checkpoints load (below)
+        self.weight = nn.Parameter(torch.empty(c_out, c_in, kernel, kernel))
+        self.bias = nn.Parameter(torch.empty(c_out))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(c_in * kernel * kernel)
+        nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         lead, (c, height, width) = h.shape[:-3], h.shape[-3:]
-        maps = h.reshape(-1, c, height, width)
-        if not torch.is_grad_enabled():  # sampling: the same map through the native conv
-            weight = self.linear.weight.reshape(-1, c, self.kernel, self.kernel)
-            out = F.conv2d(maps, weight, self.linear.bias, padding=self.kernel // 2)
-            return out.reshape(*lead, -1, height, width)
-        # unfold is about 4x slower on a non-contiguous map, which the previous PatchConv's
-        # output (a transposed view) is
-        cols = F.unfold(maps.contiguous(), self.kernel, padding=self.kernel // 2)
-        out = self.linear(cols.transpose(1, 2).reshape(*lead, height * width, -1))
-        return out.transpose(-1, -2).reshape(*lead, -1, height, width)
+        out = F.conv2d(h.reshape(-1, c, height, width), self.weight, self.bias,
+                       padding=self.kernel // 2)
+        return out.reshape(*lead, -1, height, width)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before 2026-12-06 hold a Linear on patches: `linear.weight`
+        # [C_out, C_in k k] (the same numbers as `weight`) and `linear.bias`
+        for name in ("weight", "bias"):
+            old = prefix + "linear." + name
+            if old in state_dict:
+                param = getattr(self, name)
+                state_dict[prefix + name] = state_dict.pop(old).reshape(param.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class ConvBlock(nn.Module):
@@ -162,8 +172,8 @@ class ConvDenoiser(Conditioned):
         self.cond = nn.Linear(width, width)
         self.blocks = nn.ModuleList(ConvBlock(width, self.GROUPS) for _ in range(blocks))
         self.out = PatchConv(width, shape[0])
-        nn.init.zeros_(self.out.linear.weight)
-        nn.init.zeros_(self.out.linear.bias)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
         self.base = base
 
     def forward(self, z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

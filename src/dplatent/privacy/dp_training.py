@@ -37,6 +37,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from dplatent.errors import ConfigError
+from dplatent.privacy import grad_samplers  # noqa: F401  (registers PatchConv's sampler)
 
 GRAD_MODES = ("hooks", "ghost")
 # Opacus' hooks fire on module outputs when the input needs no gradient (always, here).

@@ -73,7 +73,8 @@ def build_denoiser(cfg: RunConfig, shape: tuple[int, int, int], num_classes: int
 
 def denoiser_grad_mode(cfg: RunConfig) -> str:
     """Ghost clipping for the MLP (Linear and Embedding layers only); per-example gradients
-    from hooks for the conv net (its unfolded convolutions have two extra axes)."""
+    from hooks for the conv net (Opacus has no ghost norms for its patch convolutions, whose
+    per-example gradient sums over an example's noise draws: privacy/grad_samplers.py)."""
     return "hooks" if cfg.diffusion.architecture == "conv" else "ghost"
 
 

@@ -148,6 +148,10 @@ def test_train_refuses_non_empty_out_and_bad_resume(tmp_path, monkeypatch, capsy
     code, _, err = run_main(["train", "--resume", "--out", str(tmp_path / "none")],
                             monkeypatch, capsys)
     assert_one_line_error(code, err, "nothing to resume (no config.json)")
+    for text in ('{"seed": 0}', '{"derived": {}}', "[1, 2]", "{not json"):
+        (out / "config.json").write_text(text)
+        code, _, err = run_main(["train", "--resume", "--out", str(out)], monkeypatch, capsys)
+        assert_one_line_error(code, err, "not a configuration that `dplatent train` wrote")
     (out / "config.json").write_text('{"derived": {"dataset": "x"}}')
     code, _, err = run_main(["train", "--resume", "--out", str(out), "--set", "seed=3"],
                             monkeypatch, capsys)

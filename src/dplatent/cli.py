@@ -172,14 +172,19 @@ def train(out: Annotated[Path, typer.Option("--out", help="run directory to crea
         cfg_path = out / "config.json"
         if not cfg_path.is_file():
             raise DplatentError(f"{out}: nothing to resume (no config.json)")
-        raw = json.loads(cfg_path.read_text())
-        meta = raw.pop("derived")
+        try:
+            raw = json.loads(cfg_path.read_text())
+            meta = raw.pop("derived")
+            dataset = meta["dataset"]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise DplatentError(f"{cfg_path}: not a configuration that `dplatent train` wrote "
+                                f"(its 'derived' section with the data set is missing or "
+                                f"unreadable: {type(exc).__name__} {exc})") from exc
         if any(v is not None for v in (epsilon, delta, seed)) or sets or non_private_control:
             raise DplatentError("--resume continues a run with its saved configuration; "
                                 "do not pass --epsilon, --delta, --seed, --set or "
                                 "--non-private-control")
         cfg = config.from_dict(raw)
-        dataset = meta["dataset"]
     else:
         cfg = _config(preset, epsilon, delta, seed, threads, sets, non_private_control)
     control = cfg.privacy.non_private_control

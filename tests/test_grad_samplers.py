@@ -31,6 +31,8 @@ def test_patch_conv_per_example_gradients_sum_over_an_examples_draws(lead):
 
 
 def test_patch_conv_sampler_is_the_one_opacus_uses_and_handles_an_empty_batch():
+    # registered, so Opacus does not fall back to its generic (functorch) per-example path
+    assert GradSampleModule.GRAD_SAMPLERS[PatchConv] is patch_conv_grad_sample
     torch.manual_seed(1)
     pc = PatchConv(2, 3)
     gsm = GradSampleModule(pc, batch_first=True, loss_reduction="sum")

@@ -103,27 +103,20 @@ def _group_norm(h: torch.Tensor, groups: int) -> torch.Tensor:
     return F.group_norm(h.reshape(-1, *h.shape[-3:]), groups).view_as(h)
 
 
-class PatchConv(nn.Module):
+class PatchConv(nn.Conv2d):
     """A k x k convolution with zero padding k // 2 on [..., C, H, W]: any leading axes (an
-    example's K noise draws) are folded into the batch of one F.conv2d. Its per-example
-    gradient, which sums over the leading axes after the first, is registered with Opacus in
-    privacy/grad_samplers.py (a Conv2d would give one gradient per draw)."""
+    example's K noise draws) are folded into the batch of the Conv2d. Its per-example
+    gradient, which sums over the leading axes after the first, is registered with Opacus for
+    this class in privacy/grad_samplers.py (Opacus' Conv2d one would give one per draw).
+    Conv2d's initialisation is that of the Linear on unfolded patches this layer was until
+    2026-12-06 (same draws, same values); checkpoints of that layout load (below)."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int = 3):
-        super().__init__()
-        self.kernel = kernel
-        # laid out and initialised as the Linear on unfolded patches that this layer was
-        # until 2026-12-06 (same draws, same values); old checkpoints load (below)
-        self.weight = nn.Parameter(torch.empty(c_out, c_in, kernel, kernel))
-        self.bias = nn.Parameter(torch.empty(c_out))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        bound = 1 / math.sqrt(c_in * kernel * kernel)
-        nn.init.uniform_(self.bias, -bound, bound)
+        super().__init__(c_in, c_out, kernel, padding=kernel // 2)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         lead, (c, height, width) = h.shape[:-3], h.shape[-3:]
-        out = F.conv2d(h.reshape(-1, c, height, width), self.weight, self.bias,
-                       padding=self.kernel // 2)
+        out = super().forward(h.reshape(-1, c, height, width))
         return out.reshape(*lead, -1, height, width)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -28,8 +28,8 @@ def patch_conv_grad_sample(layer: PatchConv, activations: list[torch.Tensor],
         return {layer.weight: torch.zeros_like(layer.weight).unsqueeze(0),
                 layer.bias: torch.zeros_like(layer.bias).unsqueeze(0)}
     c_out, (c, height, width) = layer.weight.shape[0], x.shape[-3:]
-    patches = F.unfold(x.reshape(-1, c, height, width), layer.kernel,
-                       padding=layer.kernel // 2)                     # [B K, C k k, H W]
+    patches = F.unfold(x.reshape(-1, c, height, width), layer.kernel_size,
+                       padding=layer.padding)                         # [B K, C k k, H W]
     patches = patches.view(n, -1, patches.shape[1], height * width)  # [B, K, C k k, H W]
     grads = backprops.reshape(n, -1, c_out, height * width)          # [B, K, C_out, H W]
     if grads.shape[1] == 1:  # one draw: a batched matrix product, no copies

@@ -147,6 +147,30 @@ def test_from_dict_refuses_unknown_saved_keys():
         from_dict(d)
 
 
+def test_read_saved_gives_the_settings_and_the_derived_section_of_a_run(tmp_path):
+    cfg = resolve("smoke", {"seed": "7"})
+    assert config.read_saved(tmp_path) is None  # no config.json: not a run (yet)
+    derived = {"dataset": "mnist", "num_classes": 10}
+    (tmp_path / config.CONFIG_FILE).write_text(json.dumps({**cfg.to_dict(), "derived": derived}))
+    saved = config.read_saved(tmp_path)
+    assert saved.settings() == cfg and saved.derived == derived
+    assert saved.raw["derived"] == derived and saved.path == tmp_path / "config.json"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"seed": 0}', "no 'derived' section"),
+    ('{"seed": 0, "derived": [1]}', "no 'derived' section"),
+])
+def test_read_saved_refuses_what_training_did_not_write(tmp_path, text, message):
+    (tmp_path / config.CONFIG_FILE).write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        config.read_saved(tmp_path)
+    assert "not a configuration that `dplatent train` wrote" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
 def test_config_objects_are_frozen_and_keyword_only():
     cfg = resolve("smoke", {})
     with pytest.raises(dataclasses.FrozenInstanceError):

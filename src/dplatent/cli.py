@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -169,22 +168,18 @@ def train(out: Annotated[Path, typer.Option("--out", help="run directory to crea
     from dplatent.sample import TrainedRun, generate, save_grid
     from dplatent.train.distributed import train as run_train
     if resume:
-        cfg_path = out / "config.json"
-        if not cfg_path.is_file():
-            raise DplatentError(f"{out}: nothing to resume (no config.json)")
-        try:
-            raw = json.loads(cfg_path.read_text())
-            meta = raw.pop("derived")
-            dataset = meta["dataset"]
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise DplatentError(f"{cfg_path}: not a configuration that `dplatent train` wrote "
-                                f"(its 'derived' section with the data set is missing or "
-                                f"unreadable: {type(exc).__name__} {exc})") from exc
+        saved = config.read_saved(out)
+        if saved is None:
+            raise DplatentError(f"{out}: nothing to resume (no {config.CONFIG_FILE})")
+        dataset = saved.derived.get("dataset")
+        if not isinstance(dataset, str):
+            raise DplatentError(f"{saved.path}: not a configuration that `dplatent train` wrote "
+                                "(its 'derived' section names no data set)")
         if any(v is not None for v in (epsilon, delta, seed)) or sets or non_private_control:
             raise DplatentError("--resume continues a run with its saved configuration; "
                                 "do not pass --epsilon, --delta, --seed, --set or "
                                 "--non-private-control")
-        cfg = config.from_dict(raw)
+        cfg = saved.settings()
     else:
         cfg = _config(preset, epsilon, delta, seed, threads, sets, non_private_control)
     control = cfg.privacy.non_private_control

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from dplatent.device import check_spec as check_device
-from dplatent.errors import ConfigError
+from dplatent.errors import ConfigError, DataError
+from dplatent.io import read_json
 
 # Estimates of the released class covariances (diffusion/gaussian_base.py)
 GAUSSIAN_COVARIANCES = ("psd", "denoised", "pooled_bulk")
@@ -362,3 +363,36 @@ def from_dict(d: dict[str, Any]) -> RunConfig:
     name = top.pop("preset", "saved")
     preset = {**top, **{s: d.get(s, {}) for s in SECTIONS}}
     return build(preset, {}, name)
+
+
+CONFIG_FILE = "config.json"  # in every run directory: resolved settings + what training derived
+
+
+@dataclass(frozen=True)
+class SavedConfig:
+    """A run directory's config.json as `dplatent train` wrote it: the resolved settings and,
+    under "derived", what training found (data set, classes, privacy plan, device)."""
+
+    path: Path
+    raw: dict[str, Any]  # as saved, "derived" included
+    derived: dict[str, Any]
+
+    def settings(self) -> RunConfig:
+        return from_dict({k: v for k, v in self.raw.items() if k != "derived"})
+
+
+def read_saved(run_dir: str | Path) -> SavedConfig | None:
+    """The run directory's saved configuration; None when it has no config.json. A file that
+    is not a JSON object with a "derived" object raises a one-line ConfigError."""
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        raw = read_json(path)
+    except DataError as exc:
+        raise ConfigError(f"not a configuration that `dplatent train` wrote: {exc}") from exc
+    if raw is None:
+        return None
+    derived = raw.get("derived")
+    if not isinstance(derived, dict):
+        raise ConfigError(f"{path}: not a configuration that `dplatent train` wrote (no "
+                          "'derived' section)")
+    return SavedConfig(path=path, raw=raw, derived=derived)

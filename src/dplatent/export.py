@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from dplatent import __version__, data
+from dplatent.config import CONFIG_FILE, read_saved
 from dplatent.errors import DataError
 from dplatent.eval.evaluate import seeds_label
 from dplatent.io import atomic_folder, check_empty_target, read_json, sha256_file, write_json
@@ -85,15 +86,15 @@ def export_run(out_dir: str | Path, run_dir: str | Path, npz_path: str | Path, *
     renames it into place at the end. Returns the facts of dplatent.json.
     """
     out_dir, run_dir, npz_path = check_empty_target(out_dir), Path(run_dir), Path(npz_path)
-    config = read_json(run_dir / "config.json")
-    if config is None:
-        raise DataError(f"{run_dir}: not a run directory (no config.json)")
-    meta = config.get("derived", {})
+    saved = read_saved(run_dir)
+    if saved is None:
+        raise DataError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+    meta = saved.derived
     try:
         class_names = [str(c) for c in meta["class_names"]]
         dataset = str(meta["dataset"])
     except KeyError as exc:
-        raise DataError(f"{run_dir}/config.json: no {exc} in its derived section") from exc
+        raise DataError(f"{saved.path}: no {exc} in its derived section") from exc
     synth = data.read_npz(npz_path, num_classes=len(class_names))
     counts = np.bincount(synth.y, minlength=synth.num_classes)
     if (counts == 0).any():
@@ -102,7 +103,7 @@ def export_run(out_dir: str | Path, run_dir: str | Path, npz_path: str | Path, *
                         f"class (sample at least {synth.num_classes} images)")
     sampling = npz_info(npz_path)
     ledger = read_json(run_dir / LEDGER)
-    private, reason = run_privacy_status(config, ledger)
+    private, reason = run_privacy_status(saved.raw, ledger)
     if private and (sampling or {}).get("run_fingerprint") != run_fingerprint(run_dir):
         private, reason = False, (f"{npz_path.name} does not carry this run's model fingerprint, "
                                   f"so it is not known to be drawn from the run's DP models")

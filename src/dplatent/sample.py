@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dplatent import device as device_mod  # noqa: E402
-from dplatent.config import RunConfig, SamplingConfig, from_dict  # noqa: E402
+from dplatent.config import CONFIG_FILE, RunConfig, SamplingConfig, read_saved  # noqa: E402
 from dplatent.diffusion.sampler import initial_noise, sample_latents  # noqa: E402
 from dplatent.errors import ConfigError, DplatentError  # noqa: E402
 from dplatent.io import atomic_folder, atomic_write, sha256_file  # noqa: E402
@@ -38,14 +38,13 @@ class TrainedRun:
 
     def __init__(self, run_dir: str | Path, device: str | torch.device | None = None):
         self.dir = Path(run_dir)
-        cfg_path = self.dir / "config.json"
-        if not cfg_path.is_file():
-            raise DplatentError(f"{self.dir}: not a run directory (no config.json)")
+        saved = read_saved(self.dir)
+        if saved is None:
+            raise DplatentError(f"{self.dir}: not a run directory (no {CONFIG_FILE})")
+        self.config_json: dict = saved.raw  # as saved, derived section included
+        self.meta: dict = saved.derived
         try:
-            raw = json.loads(cfg_path.read_text())
-            self.config_json: dict = dict(raw)  # as saved, derived section included
-            self.meta = raw.pop("derived")
-            self.cfg: RunConfig = from_dict(raw)
+            self.cfg: RunConfig = saved.settings()
             self.num_classes = int(self.meta["num_classes"])
             self.device = (device if isinstance(device, torch.device)
                            else device_mod.resolve(self.cfg.device if device is None else device))

@@ -22,6 +22,7 @@ import torch
 from dplatent import data as data_mod
 from dplatent import device as device_mod
 from dplatent import runtime
+from dplatent import config as config_mod
 from dplatent.config import RunConfig
 from dplatent.diffusion import gaussian_base
 from dplatent.diffusion.loss import denoising_loss
@@ -225,7 +226,7 @@ def subset_indices(n: int, size: int, seed: int) -> np.ndarray:
 
 
 def save_config(run_dir: Path, cfg: RunConfig, plan: PrivacyPlan, meta: dict) -> None:
-    write_json(run_dir / "config.json", {**cfg.to_dict(), "derived": {
+    write_json(run_dir / config_mod.CONFIG_FILE, {**cfg.to_dict(), "derived": {
         "privacy_plan": plan.to_dict(), **meta}})
 
 
@@ -302,8 +303,8 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
 
 def _saved_derived(run_dir: Path) -> dict:
     """The "derived" part of a run's saved config.json ({} when there is none yet)."""
-    path = run_dir / "config.json"
-    return json.loads(path.read_text()).get("derived", {}) if path.is_file() else {}
+    saved = config_mod.read_saved(run_dir)
+    return {} if saved is None else saved.derived
 
 
 def _check_resume_cells(run_dir: Path, chosen: int) -> None:

@@ -18,12 +18,23 @@ def loop_grads(pc: PatchConv, x: torch.Tensor, w: torch.Tensor):
     return out
 
 
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """The same values in the layout PatchConv's output has: channels-last over the folded
+    [B K, C, H, W] batch."""
+    folded = t.reshape(-1, *t.shape[-3:]).contiguous(memory_format=torch.channels_last)
+    return folded.view(t.shape)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
 @pytest.mark.parametrize("lead", [(), (1,), (3,)], ids=["no-draw-axis", "K1", "K3"])
-def test_patch_conv_per_example_gradients_sum_over_an_examples_draws(lead):
+def test_patch_conv_per_example_gradients_sum_over_an_examples_draws(lead, layout):
     torch.manual_seed(0)
     pc = PatchConv(2, 4)
     x = torch.randn(5, *lead, 2, 6, 5)
     w = torch.randn(5, *lead, 4, 6, 5)  # d loss / d output of each example
+    if layout == "channels-last":
+        x, w = channels_last(x), channels_last(w)
+        assert not x.is_contiguous() and torch.equal(pc(x), pc(x.contiguous()))
     got = patch_conv_grad_sample(pc, [x], w)
     for b, (gw, gb) in enumerate(loop_grads(pc, x, w)):
         torch.testing.assert_close(got[pc.weight][b], gw, rtol=1e-4, atol=1e-5)

@@ -116,7 +116,7 @@ class PatchConv(nn.Conv2d):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         lead, (c, height, width) = h.shape[:-3], h.shape[-3:]
-        # channels-last: about twice as fast on CPU for these small maps (BENCHMARKS.md);
+        # channels-last: sampling 1.17x faster on CPU, the DP step as fast (BENCHMARKS.md);
         # the output stays channels-last, which the norms and activations after it keep
         h = h.reshape(-1, c, height, width).contiguous(memory_format=torch.channels_last)
         return super().forward(h).reshape(*lead, -1, height, width)

@@ -61,3 +61,32 @@ def test_final_weights_are_the_last_iterate_without_ema(tmp_path):
     assert ck["ema"] == {}
     assert_same_state(out.state_dict(), ck["model"])
     assert_same_state(final_weights(ck), ck["model"])
+
+
+def test_adam_moments_of_the_old_2d_patch_conv_layout_take_the_parameters_shape():
+    from dplatent.models.denoiser import PatchConv
+    from dplatent.train.loop import match_state_shapes
+
+    def adam_after_one_step(conv):
+        opt = torch.optim.Adam(conv.parameters(), lr=0.1)
+        conv(torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))).sum().backward()
+        opt.step()
+        return opt
+
+    torch.manual_seed(0)
+    conv = PatchConv(2, 3)
+    saved = adam_after_one_step(conv).state_dict()
+    for state in saved["state"].values():  # as written when the layer was a Linear on patches
+        for key in ("exp_avg", "exp_avg_sq"):
+            if state[key].dim() == 4:
+                state[key] = state[key].reshape(3, -1)
+    opt = torch.optim.Adam(conv.parameters(), lr=0.1)
+    opt.load_state_dict(saved)
+    assert opt.state[conv.weight]["exp_avg"].shape == (3, 18)
+    match_state_shapes(opt)
+    state = opt.state[conv.weight]
+    assert state["exp_avg"].shape == state["exp_avg_sq"].shape == conv.weight.shape
+    assert state["step"].dim() == 0  # scalars stay as they are
+    conv.zero_grad()
+    conv(torch.randn(2, 2, 4, 4)).sum().backward()
+    opt.step()  # with the 2-D moments this raises (shapes do not broadcast)

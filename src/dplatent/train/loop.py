@@ -64,6 +64,18 @@ def checkpoint_path(run_dir: Path, stage: str) -> Path:
     return Path(run_dir) / "checkpoints" / f"{stage}.pt"
 
 
+def match_state_shapes(optimizer: torch.optim.Optimizer) -> None:
+    """Give each per-parameter optimizer state (Adam's moments) its parameter's shape where
+    only the layout differs: checkpoints written before 2026-12-06 hold the conv denoiser's
+    weights as 2-D Linear matrices (the same numbers, models/denoiser.py PatchConv)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if (torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape
+                        and value.numel() == param.numel()):
+                    optimizer.state[param][key] = value.reshape(param.shape)
+
+
 def load_checkpoint(path: Path) -> dict:
     """Load tensors and plain containers only (weights_only=True refuses pickled objects)."""
     from dplatent.errors import DplatentError
@@ -124,6 +136,7 @@ def train_stage(model: nn.Module, n: int, loss_fn: LossFn, s: StageSettings, led
         ck = load_checkpoint(path)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
+        match_state_shapes(optimizer)
         if ema is not None:
             ema.load_state_dict(ck["ema"])
         for gen, key in ((sample_gen, "sample_rng"), (noise_gen, "noise_rng"),

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dplatent import data  # noqa: E402
+from dplatent.config import CONFIG_FILE  # noqa: E402
 from dplatent.errors import DataError  # noqa: E402
 from dplatent.eval.evaluate import seeds_label  # noqa: E402
 from dplatent.io import atomic_write, read_json  # noqa: E402
@@ -71,7 +72,7 @@ def load_run(run_dir: str | Path) -> RunFiles:
         raise DataError(f"{run_dir}: run directory not found")
     synthetic_path = run_dir / "synthetic.npz"
     synthetic = data.read_npz(synthetic_path) if synthetic_path.is_file() else None
-    return RunFiles(run_dir=run_dir, config=read_json(run_dir / "config.json"),
+    return RunFiles(run_dir=run_dir, config=read_json(run_dir / CONFIG_FILE),
                     privacy=read_json(run_dir / "privacy.json"),
                     log=read_jsonl(run_dir / "train_log.jsonl"),
                     eval=read_json(run_dir / "eval.json"),

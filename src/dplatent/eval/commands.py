@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dplatent import data
+from dplatent.config import CONFIG_FILE
 from dplatent.errors import ConfigError, DataError
 from dplatent.eval import evaluate as ev
 from dplatent.eval import fid
@@ -17,7 +18,7 @@ from dplatent.report import config_dataset, read_json, write_report
 
 def _run_dataset(run: Path) -> str | None:
     """The data set recorded in RUN/config.json, if any."""
-    return config_dataset(read_json(run / "config.json"))
+    return config_dataset(read_json(run / CONFIG_FILE))
 
 
 def resolve_inputs(synthetic: Path | None, run: Path | None, dataset: str | None,

@@ -12,6 +12,7 @@ from dplatent import config
 from dplatent.config import (RunConfig, build, from_dict, load_preset, parse_overrides,
                              preset_names, resolve)
 from dplatent.errors import ConfigError
+from dplatent.models.autoencoder import latent_shape
 
 
 def test_every_preset_loads_and_validates():
@@ -32,6 +33,21 @@ def test_smoke_preset_values_come_from_its_file():
     # keys the preset does not set keep their defaults
     assert cfg.privacy == config.PrivacyConfig()
     assert cfg.diffusion.lr == config.DiffusionConfig().lr
+
+
+def test_fidelity_is_full_with_a_finer_latent_and_a_conv_stage_2():
+    # configs/fidelity.toml documents itself as `full` changed in these keys only; a change to
+    # `full` that is not carried over (or a stray one in fidelity) breaks that description.
+    full = dataclasses.asdict(resolve("full", {}))
+    fidelity = dataclasses.asdict(resolve("fidelity", {}))
+    changed = {f"{section}.{key}" for section, values in full.items() if isinstance(values, dict)
+               for key, value in values.items() if fidelity[section][key] != value}
+    assert changed == {"autoencoder.channels", "autoencoder.latent_channels",
+                       "diffusion.architecture", "diffusion.hidden", "diffusion.blocks",
+                       "diffusion.epochs", "diffusion.noise_multiplicity",
+                       "sampling.temperature"}
+    ae = resolve("fidelity", {}).autoencoder
+    assert latent_shape(28, ae.channels, ae.latent_channels) == (1, 14, 14)
 
 
 def test_a_preset_can_be_a_toml_path(tmp_path):

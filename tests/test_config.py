@@ -38,15 +38,15 @@ def test_smoke_preset_values_come_from_its_file():
 def test_fidelity_is_full_with_a_finer_latent_and_a_conv_stage_2():
     # configs/fidelity.toml documents itself as `full` changed in these keys only; a change to
     # `full` that is not carried over (or a stray one in fidelity) breaks that description.
-    full = dataclasses.asdict(resolve("full", {}))
-    fidelity = dataclasses.asdict(resolve("fidelity", {}))
+    cfg = resolve("fidelity", {})
+    full, fidelity = resolve("full", {}).to_dict(), cfg.to_dict()
     changed = {f"{section}.{key}" for section, values in full.items() if isinstance(values, dict)
                for key, value in values.items() if fidelity[section][key] != value}
     assert changed == {"autoencoder.channels", "autoencoder.latent_channels",
                        "diffusion.architecture", "diffusion.hidden", "diffusion.blocks",
                        "diffusion.epochs", "diffusion.noise_multiplicity",
                        "sampling.temperature"}
-    ae = resolve("fidelity", {}).autoencoder
+    ae = cfg.autoencoder
     assert latent_shape(28, ae.channels, ae.latent_channels) == (1, 14, 14)
 
 

@@ -142,7 +142,7 @@ class DenoiserStage(Stage):
 
 class ConvDenoiserStage(DenoiserStage):
     """The conv denoiser on a 2 x 3 x 3 latent map: per-example gradients from hooks, with
-    the K noise draws of an example on an extra axis of every unfolded convolution."""
+    the K noise draws of an example on an extra axis of every convolution."""
     mode = "hooks"
     shape = (2, 3, 3)
     dim = 18
@@ -273,7 +273,7 @@ def test_hooks_per_example_gradients_of_the_autoencoder_match_the_explicit_loop(
 
 def test_hooks_per_example_gradients_of_the_conv_denoiser_match_the_explicit_loop():
     """Each example's gradient covers its own K noise draws (K > 1 here), through every
-    unfolded convolution, the FiLM layers and the label embedding."""
+    convolution, the FiLM layers and the label embedding."""
     assert K > 1
     wants = assert_hooks_grad_samples_match_the_loop(ConvDenoiserStage())
     assert all(float(w.abs().max()) > 0 for w in wants), "every parameter should get a gradient"

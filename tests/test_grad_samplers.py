@@ -25,11 +25,12 @@ def channels_last(t: torch.Tensor) -> torch.Tensor:
     return folded.view(t.shape)
 
 
+@pytest.mark.parametrize("kernel", [1, 3, 5])
 @pytest.mark.parametrize("layout", ["contiguous", "channels-last"])
 @pytest.mark.parametrize("lead", [(), (1,), (3,)], ids=["no-draw-axis", "K1", "K3"])
-def test_patch_conv_per_example_gradients_sum_over_an_examples_draws(lead, layout):
+def test_patch_conv_per_example_gradients_sum_over_an_examples_draws(lead, layout, kernel):
     torch.manual_seed(0)
-    pc = PatchConv(2, 4)
+    pc = PatchConv(2, 4, kernel)
     x = torch.randn(5, *lead, 2, 6, 5)
     w = torch.randn(5, *lead, 4, 6, 5)  # d loss / d output of each example
     if layout == "channels-last":

@@ -1,10 +1,13 @@
 """Per-example gradients for the package's own layers, registered with Opacus' hooks.
 
-`PatchConv` (models/denoiser.py) is a 3x3 convolution applied to [B, ..., C, H, W]: every
+`PatchConv` (models/denoiser.py) is a k x k convolution applied to [B, ..., C, H, W]: every
 leading axis after the first (an example's K noise draws) is folded into F.conv2d's batch.
 Opacus' own Conv2d sampler would treat each draw as an example; here the gradient of example
-b is the sum over its draws k and positions l of backprop[b, k, :, l] (x) patch[b, k, :, l],
-the patches being the unfolded input (the im2col of the forward pass, done once, here).
+b is the sum over its draws k and positions l of backprop[b, k, :, l] (x) window[b, k, :, l],
+the windows being the zero-padded input shifted by each kernel offset. One batched matrix
+product per offset contracts draws and positions together, on channels-last copies of the
+windows; unfolding all patches at once (F.unfold, im2col) and contracting them was slower,
+at K = 2 by 1.4x for the whole DP step (BENCHMARKS.md).
 Importing this module registers the sampler (privacy/dp_training.py does).
 """
 
@@ -28,13 +31,16 @@ def patch_conv_grad_sample(layer: PatchConv, activations: list[torch.Tensor],
         return {layer.weight: torch.zeros_like(layer.weight).unsqueeze(0),
                 layer.bias: torch.zeros_like(layer.bias).unsqueeze(0)}
     c_out, (c, height, width) = layer.weight.shape[0], x.shape[-3:]
-    patches = F.unfold(x.reshape(-1, c, height, width), layer.kernel_size,
-                       padding=layer.padding)                         # [B K, C k k, H W]
-    patches = patches.view(n, -1, patches.shape[1], height * width)  # [B, K, C k k, H W]
-    grads = backprops.reshape(n, -1, c_out, height * width)          # [B, K, C_out, H W]
-    if grads.shape[1] == 1:  # one draw: a batched matrix product, no copies
-        weight = torch.bmm(grads[:, 0], patches[:, 0].transpose(1, 2))
-    else:
-        weight = torch.einsum("nkol,nkpl->nop", grads, patches)
-    return {layer.weight: weight.view(n, *layer.weight.shape),
-            layer.bias: grads.sum(dim=(1, 3))}
+    (kh, kw), (ph, pw) = layer.kernel_size, layer.padding
+    # channels last: [B, K, H, W, C], padded in H and W (a view of the layer's channels-last
+    # tensors, then one copy); the output gradient as [B, C_out, K H W]
+    padded = F.pad(x.reshape(n, -1, c, height, width).permute(0, 1, 3, 4, 2),
+                   (0, 0, pw, pw, ph, ph))
+    grads = backprops.reshape(n, -1, c_out, height, width).permute(0, 2, 1, 3, 4)
+    grads = grads.reshape(n, c_out, -1)
+    weight = backprops.new_empty(n, c_out, c, kh, kw)
+    for i in range(kh):
+        for j in range(kw):
+            window = padded[:, :, i:i + height, j:j + width].reshape(n, -1, c)  # [B, K H W, C]
+            weight[..., i, j] = torch.bmm(grads, window)
+    return {layer.weight: weight, layer.bias: grads.sum(dim=2)}

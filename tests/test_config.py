@@ -35,7 +35,7 @@ def test_smoke_preset_values_come_from_its_file():
     assert cfg.diffusion.lr == config.DiffusionConfig().lr
 
 
-def test_fidelity_is_full_with_a_finer_latent_and_a_conv_stage_2():
+def test_fidelity_is_full_with_a_finer_latent_a_deeper_decoder_and_a_conv_stage_2():
     # configs/fidelity.toml documents itself as `full` changed in these keys only; a change to
     # `full` that is not carried over (or a stray one in fidelity) breaks that description.
     cfg = resolve("fidelity", {})
@@ -43,6 +43,7 @@ def test_fidelity_is_full_with_a_finer_latent_and_a_conv_stage_2():
     changed = {f"{section}.{key}" for section, values in full.items() if isinstance(values, dict)
                for key, value in values.items() if fidelity[section][key] != value}
     assert changed == {"autoencoder.channels", "autoencoder.latent_channels",
+                       "autoencoder.decoder_blocks",
                        "diffusion.architecture", "diffusion.hidden", "diffusion.blocks",
                        "diffusion.epochs", "diffusion.noise_multiplicity",
                        "sampling.temperature"}

@@ -240,6 +240,8 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
            reencode: Annotated[Optional[int], typer.Option(
                help="encode and decode each decoded image again this many times: moves it "
                "toward what the autoencoder reconstructs (default from the run)")] = None,
+           threads: Annotated[Optional[int], typer.Option(
+               min=0, help="CPU threads (0 = all)")] = None,
            progress: Annotated[bool, typer.Option(help="show progress bars")] = True):
     """Draw labelled synthetic images from a trained run (no privacy cost)."""
     import time
@@ -258,6 +260,9 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
     settings = settings_for(trained, guidance=guidance, steps=steps, sharpness=sharpness,
                             temperature=temperature, decode_noise=decode_noise,
                             reencode=reencode)
+    from dplatent import runtime
+    runtime.set_threads(threads or 0)
+    _warn_if_busy(threads)
     x, y = generate(trained, num, seed=seed, settings=settings, progress=progress)
     info = {"seed": seed, **{k: getattr(settings, k) for k in SETTINGS_RECORDED},
             "run_fingerprint": run_fingerprint(run), **_privacy_info(trained)}

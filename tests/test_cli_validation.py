@@ -177,7 +177,7 @@ def test_sample_refuses_non_positive_counts(num, tiny_run, tmp_path, monkeypatch
 
 
 def test_sample_warns_when_other_jobs_keep_the_cpu_busy(tiny_run, tmp_path, monkeypatch, capsys):
-    # Sampling beside a training that used every core ran 3-6 times slower, the training 30.
+    # Sampling beside a training that used every core ran 3-8 times slower, the training 33.
     from dplatent import runtime
     monkeypatch.delenv("OMP_WAIT_POLICY")
     monkeypatch.setattr(runtime, "busy_cores", lambda: 1.5)

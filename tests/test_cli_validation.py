@@ -399,6 +399,16 @@ def test_reencode_is_recorded(tiny_run, tmp_path, monkeypatch, capsys):
     sample_recorded(tiny_run, tmp_path, "reencode", "1", monkeypatch, capsys)
 
 
+def test_eta_is_recorded_and_changes_the_images(tiny_run, tmp_path, monkeypatch, capsys):
+    without, with_ = (sample_recorded(tiny_run, tmp_path, "eta", v, monkeypatch, capsys)
+                      for v in ("0", "1"))
+    assert not np.array_equal(without, with_)
+    code, _, err = run_main(["sample", "--run", str(tiny_run), "--num", "10", "--out",
+                             str(tmp_path / "bad.npz"), "--eta", "2", "--no-progress"],
+                            monkeypatch, capsys)
+    assert_one_line_error(code, err, "sampling.eta must be in [0, 1], got 2.0")
+
+
 def test_settings_for_puts_only_the_given_settings_in_the_runs_place(tiny_run):
     from dplatent.sample import TrainedRun, settings_for
     run = TrainedRun(tiny_run)

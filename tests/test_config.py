@@ -110,6 +110,9 @@ def test_overrides_apply_and_are_coerced():
     ({"sampling.steps": "0"}, r"sampling.steps must be >= 1, got 0"),
     ({"sampling.temperature": "3.5"}, r"sampling.temperature must be in \(0, 3\], got 3.5"),
     ({"sampling.reencode": "11"}, r"sampling.reencode must be in \[0, 10\], got 11"),
+    ({"sampling.eta": "1.5"}, r"sampling.eta must be in \[0, 1\], got 1.5"),
+    ({"sampling.eta": "1", "sampling.sampler": "dpm"},
+     r"sampling.eta 1.0 needs sampler 'ddim' \(got 'dpm'\)"),
     ({"threads": "-1"}, "threads"),
 ])
 def test_bad_overrides_are_config_errors_naming_the_problem(overrides, message):

@@ -167,6 +167,56 @@ def test_sample_i_is_the_same_in_a_batch_of_one_or_seven(sampler):
     assert not torch.allclose(relabelled, batch, atol=1e-3)
 
 
+def test_eta_adds_each_samples_own_step_noise_whatever_its_batch():
+    den = denoiser()
+    labels = np.array([0, 1, 2, 0, 1, 2, 1])
+    kw = dict(dim=DIM, steps=5, guidance=1.0, null_label=CLASSES, train_timesteps=T,
+              beta_schedule="squaredcos_cap_v2", sampler="ddim", progress=False)
+    plain = sample_latents(den, labels, seed=11, batch_size=7, **kw)
+    assert torch.equal(sample_latents(den, labels, seed=11, batch_size=7, eta=0.0, **kw), plain)
+    batch = sample_latents(den, labels, seed=11, batch_size=7, eta=1.0, **kw)
+    singles = sample_latents(den, labels, seed=11, batch_size=1, eta=1.0, **kw)
+    torch.testing.assert_close(singles, batch, rtol=1e-5, atol=1e-5)
+    assert bool(torch.isfinite(batch).all())
+    assert not torch.allclose(batch, plain, atol=1e-3)
+    half = sample_latents(den, labels, seed=11, batch_size=7, eta=0.5, **kw)
+    # less step noise, closer to the deterministic path
+    assert float((half - plain).norm()) < float((batch - plain).norm())
+
+
+def test_eta_needs_the_ddim_sampler():
+    kw = dict(dim=DIM, steps=2, guidance=1.0, null_label=CLASSES, train_timesteps=T,
+              beta_schedule="squaredcos_cap_v2", seed=0, progress=False)
+    with pytest.raises(ValueError, match="eta > 0 needs the 'ddim' sampler, got 'dpm'"):
+        sample_latents(denoiser(), np.array([0]), sampler="dpm", eta=1.0, **kw)
+
+
+def test_ancestral_steps_keep_a_gaussians_spread():
+    """For data N(0, s^2 I) and its exact denoiser, eta = 1 is a DDPM sampler: with enough
+    steps the samples' standard deviation is s, so the step noise enters at its scale (at 50
+    steps both eta = 0 and eta = 1 fall short of s by a few per cent)."""
+    s, timesteps = 0.5, 1000
+
+    class Exact(torch.nn.Module):   # v-prediction of the exact denoiser for N(0, s^2 I)
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.abar = alphas_cumprod(timesteps, "squaredcos_cap_v2")
+
+        def forward(self, z, t, y):
+            a = self.abar[t].sqrt()[:, None]
+            b = (1 - self.abar[t]).sqrt()[:, None]
+            x0 = a * s * s / (a * a * s * s + b * b) * z
+            eps = (z - a * x0) / b
+            return a * eps - b * x0
+
+    out = sample_latents(Exact(), np.zeros(2000, dtype=np.int64), dim=DIM, seed=0,
+                         steps=timesteps, guidance=1.0, null_label=CLASSES,
+                         train_timesteps=timesteps, beta_schedule="squaredcos_cap_v2", eta=1.0,
+                         progress=False)
+    assert float(out.std()) == pytest.approx(s, rel=0.03)
+
+
 def test_guidance_combines_conditional_and_unconditional_predictions():
     den = denoiser()
     z, t, y = torch.randn(4, DIM), torch.full((4,), 30), torch.tensor([0, 1, 2, 0])

@@ -240,6 +240,9 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
            reencode: Annotated[Optional[int], typer.Option(
                help="encode and decode each decoded image again this many times: moves it "
                "toward what the autoencoder reconstructs (default from the run)")] = None,
+           eta: Annotated[Optional[float], typer.Option(
+               help="DDIM's eta: 0 = deterministic sampler, 1 = ancestral steps with fresh "
+               "noise (default from the run)")] = None,
            threads: Annotated[Optional[int], typer.Option(
                min=0, help="CPU threads (0 = all)")] = None,
            progress: Annotated[bool, typer.Option(help="show progress bars")] = True):
@@ -259,7 +262,7 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
         typer.echo(NOT_PRIVATE_BANNER, err=True)
     settings = settings_for(trained, guidance=guidance, steps=steps, sharpness=sharpness,
                             temperature=temperature, decode_noise=decode_noise,
-                            reencode=reencode)
+                            reencode=reencode, eta=eta)
     from dplatent import runtime
     runtime.set_threads(threads or 0)
     _warn_if_busy(threads)

@@ -218,9 +218,15 @@ class SamplingConfig:
     # DP-trained autoencoder moves a sample toward what it reconstructs (sample.py,
     # decode_latents); 0 = the decoded sample itself
     reencode: int = 0
+    # DDIM's eta: 0 = the deterministic sampler; 1 = ancestral (DDPM-like) steps, each adding
+    # fresh noise per sample (seed, i), so the samples still do not depend on the batch
+    eta: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.sampler in ("ddim", "dpm"), f"sampling.sampler: unknown {self.sampler!r}")
+        _check(0 <= self.eta <= 1, f"sampling.eta must be in [0, 1], got {self.eta}")
+        _check(self.eta == 0 or self.sampler == "ddim",
+               f"sampling.eta {self.eta} needs sampler 'ddim' (got {self.sampler!r})")
         _check(0 <= self.reencode <= MAX_REENCODE,
                f"sampling.reencode must be in [0, {MAX_REENCODE}], got {self.reencode}")
         _check(0 <= self.decode_noise <= MAX_DECODE_NOISE,

@@ -99,17 +99,18 @@ DECODE_NOISE_STREAM = 1
 
 # the sampling settings an npz's info records (with the seed)
 SETTINGS_RECORDED = ("guidance", "steps", "sampler", "sharpness", "temperature", "decode_noise",
-                     "reencode")
+                     "reencode", "eta")
 
 
 def settings_for(run: TrainedRun, *, guidance: float | None = None, steps: int | None = None,
                  sampler: str | None = None, sharpness: float | None = None,
                  temperature: float | None = None, decode_noise: float | None = None,
-                 reencode: int | None = None) -> SamplingConfig:
+                 reencode: int | None = None, eta: float | None = None) -> SamplingConfig:
     """The run's sampling settings, each one given here (not None) put in its place; the
     result validates itself (ConfigError naming the setting and the value given)."""
     given = dict(guidance=guidance, steps=steps, sampler=sampler, sharpness=sharpness,
-                 temperature=temperature, decode_noise=decode_noise, reencode=reencode)
+                 temperature=temperature, decode_noise=decode_noise, reencode=reencode,
+                 eta=eta)
     return dataclasses.replace(run.cfg.sampling,
                                **{k: v for k, v in given.items() if v is not None})
 
@@ -129,7 +130,7 @@ def draw_latents(run: TrainedRun, num: int, *, seed: int = 0,
                        null_label=run.num_classes, train_timesteps=d.train_timesteps,
                        beta_schedule=d.beta_schedule, sampler=s.sampler,
                        prediction=d.prediction, batch_size=s.batch_size,
-                       temperature=s.temperature, progress=progress)
+                       temperature=s.temperature, eta=s.eta, progress=progress)
     if s.decode_noise > 0:  # per sample (seed, i) like the starting noise, another stream
         z = z + s.decode_noise * initial_noise(seed, np.arange(len(z)), z.shape[1],
                                                stream=DECODE_NOISE_STREAM).to(z.device)

@@ -243,8 +243,7 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
            eta: Annotated[Optional[float], typer.Option(
                help="DDIM's eta: 0 = deterministic sampler, 1 = ancestral steps with fresh "
                "noise (default from the run)")] = None,
-           threads: Annotated[Optional[int], typer.Option(
-               min=0, help="CPU threads (0 = all)")] = None,
+           threads: Annotated[int, typer.Option(min=0, help="CPU threads (0 = all)")] = 0,
            progress: Annotated[bool, typer.Option(help="show progress bars")] = True):
     """Draw labelled synthetic images from a trained run (no privacy cost)."""
     import time
@@ -264,7 +263,7 @@ def sample(run: Annotated[Path, typer.Option("--run", help="trained run director
                             temperature=temperature, decode_noise=decode_noise,
                             reencode=reencode, eta=eta)
     from dplatent import runtime
-    runtime.set_threads(threads or 0)
+    runtime.set_threads(threads)
     _warn_if_busy(threads)
     x, y = generate(trained, num, seed=seed, settings=settings, progress=progress)
     info = {"seed": seed, **{k: getattr(settings, k) for k in SETTINGS_RECORDED},

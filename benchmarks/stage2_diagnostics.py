@@ -30,6 +30,12 @@ development information, never published outputs of a run).
                (selected on a held-out part of it) predicts the other half, a sample is kept
                when its predicted class is its label, and the first kept ones of each class
                are written
+    churn      (reads no private data) latents sampled like `sample` with DDIM steps of
+               --eta, but before each step the sample's noise level is first raised by the
+               factor 1 + --gamma (in EDM's sigma = sqrt((1 - a) / a), to the nearest
+               training timestep at or above it) with fresh noise, and the step then runs
+               from that level (EDM's "churn" on the DDIM sampler); gamma 0 is `sample`'s
+               sampler
 
 Each writes a labelled npz (spread only with --out); score it with
 `dplatent evaluate --synthetic NPZ --dataset DS --metrics cnn --seeds 1`. Example:
@@ -51,10 +57,13 @@ import torch
 from dplatent import data
 from dplatent.data import LabelledImages
 from dplatent.diffusion import gaussian_base as gb
+from dplatent.diffusion.sampler import STEP_NOISE_STREAM, guided_output, initial_noise
+from dplatent.diffusion.schedule import alphas_cumprod
 from dplatent.eval.classifier import (ClassifierConfig, make_model, predict,
                                       split_indices, to_tensors, train_select)
 from dplatent.models.autoencoder import standardise
-from dplatent.sample import TrainedRun, decode_latents, draw_latents, generate, save_npz
+from dplatent.sample import (TrainedRun, balanced_labels, decode_latents, draw_latents, generate,
+                             save_npz)
 from dplatent.train.stages import encode, release_basis
 
 BATCH = 2000
@@ -232,9 +241,69 @@ def gaussians(run: TrainedRun, dataset: str, data_dir: str | None, *, sigma: flo
     return np.concatenate(parts), ys.numpy()
 
 
+CHURN_NOISE_STREAM = 3  # beside sampler.py's streams 0 (start), 1 (decode), 2 (steps)
+
+
+@torch.no_grad()
+def churned_latents(model: torch.nn.Module, labels: np.ndarray, *, dim: int, seed: int,
+                    steps: int, train_timesteps: int, beta_schedule: str, prediction: str,
+                    null_label: int, guidance: float = 1.0, temperature: float = 1.0,
+                    gamma: float = 0.0, eta: float = 0.0, batch_size: int = BATCH
+                    ) -> torch.Tensor:
+    """Latents [N, dim]: DDIM with `eta` from the same starting and step noise as
+    `sample_latents` (so gamma 0 gives its samples up to rounding), each step preceded by
+    raising the noise level to (1 + gamma) times EDM's sigma with noise of its own stream."""
+    ab = alphas_cumprod(train_timesteps, beta_schedule).double()
+    sigma = ((1 - ab) / ab).sqrt()
+    stride = train_timesteps // steps
+    timesteps = list(range(0, train_timesteps, stride))[::-1]   # DDIM's 'leading' spacing
+    out = []
+    for start in range(0, len(labels), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(labels)))
+        y = torch.as_tensor(labels[idx], dtype=torch.long)
+        z = initial_noise(seed, idx, dim).double() * temperature
+
+        def stream(k: int) -> torch.Tensor:
+            return initial_noise(seed, idx, len(timesteps) * dim, k).view(len(idx), -1, dim)
+        step_noise, churn_noise = stream(STEP_NOISE_STREAM), stream(CHURN_NOISE_STREAM)
+        for k, t in enumerate(timesteps):
+            a_prev = ab[t - stride] if t >= stride else ab[0]
+            if gamma > 0:
+                t_hat = int(torch.searchsorted(sigma, sigma[t] * (1 + gamma))
+                            .clamp(max=train_timesteps - 1))
+                r = ab[t_hat] / ab[t]
+                z = r.sqrt() * z + (1 - r).sqrt() * churn_noise[:, k].double()
+                t = max(t, t_hat)
+            a = ab[t]
+            tt = torch.full((len(idx),), t, dtype=torch.long)
+            pred = guided_output(model, z.float(), tt, y, guidance, null_label).double()
+            if prediction == "v":
+                x0, eps = a.sqrt() * z - (1 - a).sqrt() * pred, (1 - a).sqrt() * z + a.sqrt() * pred
+            else:
+                x0, eps = (z - (1 - a).sqrt() * pred) / a.sqrt(), pred
+            s = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp(min=0).sqrt()
+            z = (a_prev.sqrt() * x0 + (1 - a_prev - s * s).sqrt() * eps
+                 + s * step_noise[:, k].double())
+        out.append(z.float())
+    return torch.cat(out)
+
+
+def churned(run: TrainedRun, num: int, *, seed: int, gamma: float, eta: float
+            ) -> tuple[torch.Tensor, np.ndarray]:
+    s, d = run.cfg.sampling, run.cfg.diffusion
+    y = balanced_labels(num, run.num_classes)
+    z = churned_latents(run.denoiser, y, dim=int(np.prod(run.autoencoder.latent_shape)),
+                        seed=seed, steps=s.steps, train_timesteps=d.train_timesteps,
+                        beta_schedule=d.beta_schedule, prediction=d.prediction,
+                        null_label=run.num_classes, guidance=s.guidance,
+                        temperature=s.temperature, gamma=gamma, eta=eta)
+    return z, y
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("recon", "gaussians", "spread", "filter", "cnnfilter"))
+    p.add_argument("what", choices=("recon", "gaussians", "spread", "filter", "cnnfilter",
+                                    "churn"))
     p.add_argument("--run", type=Path, required=True, help="trained run directory")
     p.add_argument("--dataset", help="recon, gaussians: the run's data set")
     p.add_argument("--data-dir", default=None)
@@ -261,10 +330,15 @@ def main() -> None:
     p.add_argument("--oversample", type=float, default=1.3,
                    help="filter, cnnfilter: draw this many times --num")
     p.add_argument("--epochs", type=int, default=5, help="cnnfilter: CNN epochs per half")
+    p.add_argument("--gamma", type=float, default=0.2,
+                   help="churn: each step's noise level raised by this factor first")
+    p.add_argument("--eta", type=float, default=None,
+                   help="churn: DDIM's eta after the raise (default: the run's)")
+    p.add_argument("--seed", type=int, default=0, help="churn: the sampling seed")
     a = p.parse_args()
     if a.what in ("recon", "gaussians") and (a.dataset is None or a.out is None):
         p.error(f"{a.what} needs --dataset and --out")
-    if a.what in ("filter", "cnnfilter") and a.out is None:
+    if a.what in ("filter", "cnnfilter", "churn") and a.out is None:
         p.error(f"{a.what} needs --out")
     run = TrainedRun(a.run, device="cpu")
     if a.what == "spread":
@@ -282,6 +356,11 @@ def main() -> None:
         s = run.cfg.sampling
         x = decode_latents(run, z, sharpness=s.sharpness, batch_size=s.batch_size,
                            reencode=s.reencode)
+    elif a.what == "churn":
+        s = run.cfg.sampling
+        z, y = churned(run, a.num, seed=a.seed, gamma=a.gamma,
+                       eta=s.eta if a.eta is None else a.eta)
+        x = decode_latents(run, z, sharpness=s.sharpness, batch_size=s.batch_size)
     elif a.what == "cnnfilter":
         stats, x, y = cnn_filtered(run, a.num, oversample=a.oversample, epochs=a.epochs)
         print(json.dumps(stats, indent=1))

@@ -331,7 +331,7 @@ def main() -> None:
                    help="filter, cnnfilter: draw this many times --num")
     p.add_argument("--epochs", type=int, default=5, help="cnnfilter: CNN epochs per half")
     p.add_argument("--gamma", type=float, default=0.2,
-                   help="churn: each step's noise level raised by this factor first")
+                   help="churn: each step's sigma first raised to (1 + gamma) times itself")
     p.add_argument("--eta", type=float, default=None,
                    help="churn: DDIM's eta after the raise (default: the run's)")
     p.add_argument("--seed", type=int, default=0, help="churn: the sampling seed")

@@ -269,11 +269,12 @@ def churned_latents(model: torch.nn.Module, labels: np.ndarray, *, dim: int, see
         for k, t in enumerate(timesteps):
             a_prev = ab[t - stride] if t >= stride else ab[0]
             if gamma > 0:
+                # sigma increases with t, so t_hat > t
                 t_hat = int(torch.searchsorted(sigma, sigma[t] * (1 + gamma))
                             .clamp(max=train_timesteps - 1))
                 r = ab[t_hat] / ab[t]
                 z = r.sqrt() * z + (1 - r).sqrt() * churn_noise[:, k].double()
-                t = max(t, t_hat)
+                t = t_hat
             a = ab[t]
             tt = torch.full((len(idx),), t, dtype=torch.long)
             pred = guided_output(model, z.float(), tt, y, guidance, null_label).double()

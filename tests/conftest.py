@@ -105,6 +105,23 @@ def predraw(gen: torch.Generator, b: int, k: int, d: int, timesteps: int, label_
     return t, noise, drop
 
 
+class ExactGaussianDenoiser(torch.nn.Module):
+    """v-prediction of the exact denoiser for data N(0, s^2 I) under the given schedule. Its one
+    parameter is unused: samplers read the model's device from its parameters."""
+
+    def __init__(self, s: float, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self.s, self.abar = s, alphas_cumprod
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, z, t, y):
+        a = self.abar[t].sqrt()[:, None]
+        b = (1 - self.abar[t]).sqrt()[:, None]
+        x0 = a * self.s * self.s / (a * a * self.s * self.s + b * b) * z
+        eps = (z - a * x0) / b
+        return a * eps - b * x0
+
+
 def loss_from_draws(model, z0, y, acp, t, noise, drop, null_label, prediction="v"):
     """The denoising loss of examples z0 [b, D] with given draws, written out independently."""
     ab = acp[t].unsqueeze(-1)

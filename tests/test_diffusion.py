@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import loss_from_draws, predraw
+from conftest import ExactGaussianDenoiser, loss_from_draws, predraw
 
 from dplatent.diffusion.loss import denoising_loss, draw_timesteps
 from dplatent.diffusion.sampler import guided_output, initial_noise, sample_latents
@@ -196,21 +196,8 @@ def test_ancestral_steps_keep_a_gaussians_spread():
     steps the samples' standard deviation is s, so the step noise enters at its scale (at 50
     steps both eta = 0 and eta = 1 fall short of s by a few per cent)."""
     s, timesteps = 0.5, 1000
-
-    class Exact(torch.nn.Module):   # v-prediction of the exact denoiser for N(0, s^2 I)
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-            self.abar = alphas_cumprod(timesteps, "squaredcos_cap_v2")
-
-        def forward(self, z, t, y):
-            a = self.abar[t].sqrt()[:, None]
-            b = (1 - self.abar[t]).sqrt()[:, None]
-            x0 = a * s * s / (a * a * s * s + b * b) * z
-            eps = (z - a * x0) / b
-            return a * eps - b * x0
-
-    out = sample_latents(Exact(), np.zeros(2000, dtype=np.int64), dim=DIM, seed=0,
+    exact = ExactGaussianDenoiser(s, alphas_cumprod(timesteps, "squaredcos_cap_v2"))
+    out = sample_latents(exact, np.zeros(2000, dtype=np.int64), dim=DIM, seed=0,
                          steps=timesteps, guidance=1.0, null_label=CLASSES,
                          train_timesteps=timesteps, beta_schedule="squaredcos_cap_v2", eta=1.0,
                          progress=False)

@@ -1,6 +1,6 @@
 """benchmarks/stage2_diagnostics.py churn: without churn it is `sample`'s sampler, each sample
-keeps its own noise whatever its batch, and with the exact denoiser of a Gaussian it keeps the
-Gaussian's spread."""
+keeps its own noise whatever its batch, and with the exact denoiser of a Gaussian churn
+narrows the spread, less with more steps."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ExactGaussianDenoiser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import stage2_diagnostics as diag  # noqa: E402
@@ -61,16 +62,10 @@ def test_churn_shrinks_a_gaussians_spread_less_with_more_steps():
     s; raising the noise level before each step and then stepping from there loses some of it
     (as EDM notes of its churn), the more the larger the raise and the fewer the steps."""
     s, timesteps = 0.5, 1000
-    abar = alphas_cumprod(timesteps, "squaredcos_cap_v2")
-
-    class Exact(torch.nn.Module):   # v-prediction of the exact denoiser for N(0, s^2 I)
-        def forward(self, z, t, y):
-            a, b = abar[t].sqrt()[:, None], (1 - abar[t]).sqrt()[:, None]
-            x0 = a * s * s / (a * a * s * s + b * b) * z
-            return a * (z - a * x0) / b - b * x0
+    exact = ExactGaussianDenoiser(s, alphas_cumprod(timesteps, "squaredcos_cap_v2"))
 
     def spread(gamma: float, steps: int) -> float:
-        out = diag.churned_latents(Exact(), np.zeros(2000, dtype=np.int64), dim=DIM, seed=0,
+        out = diag.churned_latents(exact, np.zeros(2000, dtype=np.int64), dim=DIM, seed=0,
                                    steps=steps, train_timesteps=timesteps, eta=0.0,
                                    beta_schedule="squaredcos_cap_v2", prediction="v",
                                    null_label=CLASSES, gamma=gamma)

@@ -58,7 +58,7 @@ from dplatent import data
 from dplatent.data import LabelledImages
 from dplatent.diffusion import gaussian_base as gb
 from dplatent.diffusion.sampler import STEP_NOISE_STREAM, guided_output, initial_noise
-from dplatent.diffusion.schedule import alphas_cumprod
+from dplatent.diffusion.schedule import sampler_scheduler
 from dplatent.eval.classifier import (ClassifierConfig, make_model, predict,
                                       split_indices, to_tensors, train_select)
 from dplatent.models.autoencoder import standardise
@@ -252,11 +252,16 @@ def churned_latents(model: torch.nn.Module, labels: np.ndarray, *, dim: int, see
                     ) -> torch.Tensor:
     """Latents [N, dim]: DDIM with `eta` from the same starting and step noise as
     `sample_latents` (so gamma 0 gives its samples up to rounding), each step preceded by
-    raising the noise level to (1 + gamma) times EDM's sigma with noise of its own stream."""
-    ab = alphas_cumprod(train_timesteps, beta_schedule).double()
+    raising the noise level to (1 + gamma) times EDM's sigma with noise of its own stream.
+    The timesteps and the schedule are those of the sampler's DDIM scheduler; the step is
+    written out because that scheduler steps only from a timestep of its own spacing."""
+    sched = sampler_scheduler("ddim", train_timesteps, beta_schedule, prediction)
+    sched.set_timesteps(steps)
+    ab = sched.alphas_cumprod.double()
     sigma = ((1 - ab) / ab).sqrt()
-    stride = train_timesteps // steps
-    timesteps = list(range(0, train_timesteps, stride))[::-1]   # DDIM's 'leading' spacing
+    timesteps = [int(t) for t in sched.timesteps]
+    # each step lands on the next timestep of the spacing, the last on the final alpha
+    a_prevs = [ab[t] for t in timesteps[1:]] + [sched.final_alpha_cumprod.double()]
     out = []
     for start in range(0, len(labels), batch_size):
         idx = np.arange(start, min(start + batch_size, len(labels)))
@@ -266,8 +271,7 @@ def churned_latents(model: torch.nn.Module, labels: np.ndarray, *, dim: int, see
         def stream(k: int) -> torch.Tensor:
             return initial_noise(seed, idx, len(timesteps) * dim, k).view(len(idx), -1, dim)
         step_noise, churn_noise = stream(STEP_NOISE_STREAM), stream(CHURN_NOISE_STREAM)
-        for k, t in enumerate(timesteps):
-            a_prev = ab[t - stride] if t >= stride else ab[0]
+        for k, (t, a_prev) in enumerate(zip(timesteps, a_prevs)):
             if gamma > 0:
                 # sigma increases with t, so t_hat > t
                 t_hat = int(torch.searchsorted(sigma, sigma[t] * (1 + gamma))

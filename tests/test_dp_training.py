@@ -158,8 +158,22 @@ class ConvDenoiserStage(DenoiserStage):
         self.z = self.z * torch.linspace(0.2, 3.0, N_EXAMPLES)[:, None]
 
 
+class CoarseConvDenoiserStage(ConvDenoiserStage):
+    """The conv denoiser with a coarse level: its blocks' convolutions run on the pooled map
+    (3 x 3 pooled to 2 x 2), so the per-example gradients cover both resolutions."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.model = ConvDenoiser(shape=self.shape, num_classes=CLASSES, width=16, blocks=1,
+                                  coarse_blocks=1, time_dim=8)
+        with torch.no_grad():
+            self.model.out.weight.normal_(0, 0.03)
+
+
 STAGES = {"autoencoder-hooks": AutoencoderStage, "denoiser-ghost": DenoiserStage,
-          "conv-denoiser-hooks": ConvDenoiserStage}
+          "conv-denoiser-hooks": ConvDenoiserStage,
+          "coarse-conv-denoiser-hooks": CoarseConvDenoiserStage}
 
 
 def per_example_grads(stage: Stage, chunks: list[torch.Tensor]) -> dict[int, list[torch.Tensor]]:

@@ -8,7 +8,8 @@ from opacus.validators import ModuleValidator
 from torch.nn import functional as F
 
 from dplatent.models.autoencoder import Autoencoder, reconstruction_loss, standardise
-from dplatent.models.denoiser import ConvDenoiser, Denoiser, PatchConv, timestep_embedding
+from dplatent.models.denoiser import (ConvDenoiser, Denoiser, PatchConv, _expand, _halve,
+                                      timestep_embedding)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -193,10 +194,11 @@ def test_denoiser_depends_on_timestep_and_label():
         den(z, t, torch.full((3,), den.null_label + 1))
 
 
-def conv_denoiser(shape=(2, 6, 6), classes=4, blocks=1, base=None) -> ConvDenoiser:
+def conv_denoiser(shape=(2, 6, 6), classes=4, blocks=1, base=None,
+                  coarse_blocks=0) -> ConvDenoiser:
     torch.manual_seed(0)
     den = ConvDenoiser(shape=shape, num_classes=classes, width=16, blocks=blocks, time_dim=16,
-                       base=base)
+                       coarse_blocks=coarse_blocks, base=base)
     with torch.no_grad():  # the output convolution starts at zero
         den.out.weight.normal_(0, 0.1)
     return den
@@ -289,3 +291,60 @@ def test_decode_with_sharpness_is_the_sigmoid_of_scaled_logits():
     logits = ae.decoder(z)
     torch.testing.assert_close(ae.decode(z), torch.sigmoid(logits))
     torch.testing.assert_close(ae.decode(z, 2.5), torch.sigmoid(2.5 * logits))
+
+
+def test_halve_averages_2x2_windows_and_expand_fills_them_back():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    want = torch.tensor([[2.5, 4.5], [10.5, 12.5]]).view(1, 1, 2, 2)
+    torch.testing.assert_close(_halve(x), want)
+    # an odd side: the last row and column are windows of their own
+    odd = _halve(torch.ones(3, 2, 1, 7, 7))
+    assert odd.shape == (3, 2, 1, 4, 4) and torch.all(odd == 1)
+    # maps constant on each 2 x 2 window survive the round trip, leading axes included
+    blocky = torch.randn(2, 3, 2, 4, 4).repeat_interleave(2, -1).repeat_interleave(2, -2)
+    torch.testing.assert_close(_expand(_halve(blocky), (8, 8)), blocky)
+    assert _expand(odd, (7, 7)).shape == (3, 2, 1, 7, 7)
+
+
+@pytest.mark.parametrize("shape", [(1, 14, 14), (2, 7, 7)])
+def test_conv_denoiser_with_a_coarse_level_keeps_shapes_draws_and_zero_start(shape):
+    den = conv_denoiser(shape=shape, blocks=2, coarse_blocks=1)
+    dim = den.dim
+    zk, tk, yk = (torch.randn(4, 3, dim), torch.randint(0, 100, (4, 3)),
+                  torch.randint(0, 5, (4, 3)))
+    out = den(zk, tk, yk)
+    assert out.shape == (4, 3, dim)
+    flat = den(zk.reshape(12, dim), tk.reshape(12), yk.reshape(12)).reshape(4, 3, dim)
+    torch.testing.assert_close(out, flat, rtol=1e-5, atol=1e-6)
+    assert len(den.coarse) == 1
+    fresh = ConvDenoiser(shape=shape, num_classes=4, width=16, blocks=2, coarse_blocks=1)
+    assert torch.count_nonzero(fresh(zk, tk, yk)) == 0
+    assert ModuleValidator.validate(den, strict=False) == []
+    # without a coarse level the state dict is the one-resolution net's (old checkpoints load)
+    plain = conv_denoiser(shape=shape, blocks=2)
+    assert not any(k.startswith("coarse.") for k in plain.state_dict())
+    assert any(k.startswith("coarse.") for k in den.state_dict())
+
+
+def test_the_coarse_level_works_at_half_resolution_and_adds_only_what_its_blocks_add():
+    """Its blocks see the map pooled to 7 x 7; blocks that add nothing (second convolution
+    at zero: each block returns its input) leave the one-resolution net's output unchanged."""
+    den = conv_denoiser(shape=(1, 14, 14), blocks=2, coarse_blocks=1)
+    seen = []
+    den.coarse[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    z, t, y = torch.randn(3, 196), torch.randint(0, 100, (3,)), torch.randint(0, 5, (3,))
+    with_level = den(z, t, y)
+    assert seen == [(3, 16, 7, 7)]
+    plain = conv_denoiser(shape=(1, 14, 14), blocks=2)
+    plain.load_state_dict({k: v for k, v in den.state_dict().items()
+                           if not k.startswith("coarse.")})
+    assert not torch.allclose(with_level, plain(z, t, y), atol=1e-3)
+    with torch.no_grad():
+        den.coarse[0].conv2.weight.zero_()
+        den.coarse[0].conv2.bias.zero_()
+    torch.testing.assert_close(den(z, t, y), plain(z, t, y), rtol=1e-5, atol=1e-6)
+
+
+def test_conv_denoiser_refuses_a_negative_coarse_level():
+    with pytest.raises(ValueError, match="coarse_blocks must be >= 0, got -1"):
+        ConvDenoiser(shape=(1, 4, 4), num_classes=2, width=8, blocks=1, coarse_blocks=-1)

@@ -90,6 +90,9 @@ class DiffusionConfig:
     architecture: str = "mlp"
     hidden: int = 512                      # MLP: hidden units; conv: channels (multiple of 8)
     blocks: int = 4
+    # conv only: residual blocks at half the latent's resolution, between the first and the
+    # second half of `blocks` (models/denoiser.py); 0: one resolution
+    coarse_blocks: int = 0
     expansion: int = 2
     epochs: float = 20.0
     batch_size: int = 1024
@@ -138,6 +141,10 @@ class DiffusionConfig:
         _check(self.hidden > 0 and self.blocks > 0 and self.expansion > 0,
                "diffusion.hidden, blocks and expansion must be > 0")
         _one_of("diffusion.architecture", self.architecture, ARCHITECTURES)
+        _check(self.coarse_blocks >= 0, "diffusion.coarse_blocks must be >= 0")
+        _check(self.architecture == "conv" or not self.coarse_blocks,
+               "diffusion.coarse_blocks needs architecture 'conv' (the MLP has no map to "
+               "pool)")
         _check(self.architecture != "conv" or self.hidden % 8 == 0,
                f"diffusion.hidden must be a multiple of 8 with architecture 'conv' (its "
                f"channels, in groups of 8), got {self.hidden}")

@@ -146,19 +146,42 @@ class ConvBlock(nn.Module):
         return h + self.conv2(F.silu(_group_norm(self.conv1(a), self.groups)))
 
 
+def _halve(h: torch.Tensor) -> torch.Tensor:
+    """2 x 2 average pooling of [..., C, H, W]; an odd side keeps its last row or column as a
+    window of its own (ceil mode), so 7 x 7 becomes 4 x 4."""
+    lead, chw = h.shape[:-3], h.shape[-3:]
+    out = F.avg_pool2d(h.reshape(-1, *chw), 2, ceil_mode=True)
+    return out.reshape(*lead, *out.shape[-3:])
+
+
+def _expand(h: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour upsampling of [..., C, h, w] to [..., C, *size] (_halve's inverse
+    layout: each coarse position fills the window it was pooled from)."""
+    lead, chw = h.shape[:-3], h.shape[-3:]
+    out = F.interpolate(h.reshape(-1, *chw), size=size, mode="nearest")
+    return out.reshape(*lead, chw[0], *size)
+
+
 class ConvDenoiser(Conditioned):
     """Predicts the noise epsilon from (noisy flat latent, timestep, label), on the latent's
     map `shape` = (C, H, W). `width` channels throughout, `blocks` residual blocks of two 3x3
     convolutions each, FiLM-conditioned on timestep and label. The output convolution starts
-    at zero (with a base: training starts from the Gaussian model, as for the MLP)."""
+    at zero (with a base: training starts from the Gaussian model, as for the MLP).
+
+    With `coarse_blocks` > 0, a second level sits between the first and the second half of
+    the blocks: the map is average-pooled to half its resolution, passed through that many
+    blocks, and what they add is upsampled (nearest) and added back (a one-step U-Net)."""
 
     GROUPS = 8
 
     def __init__(self, *, shape: tuple[int, int, int], num_classes: int, width: int,
-                 blocks: int, time_dim: int = 128, base: nn.Module | None = None):
+                 blocks: int, coarse_blocks: int = 0, time_dim: int = 128,
+                 base: nn.Module | None = None):
         super().__init__()
         if width % self.GROUPS:
             raise ValueError(f"width must be a multiple of {self.GROUPS}, got {width}")
+        if coarse_blocks < 0:
+            raise ValueError(f"coarse_blocks must be >= 0, got {coarse_blocks}")
         self.shape, self.num_classes, self.time_dim = tuple(shape), num_classes, time_dim
         self.dim = int(math.prod(shape))
         self.inp = PatchConv(shape[0], width)
@@ -166,6 +189,7 @@ class ConvDenoiser(Conditioned):
         self.label = nn.Embedding(num_classes + 1, width)
         self.cond = nn.Linear(width, width)
         self.blocks = nn.ModuleList(ConvBlock(width, self.GROUPS) for _ in range(blocks))
+        self.coarse = nn.ModuleList(ConvBlock(width, self.GROUPS) for _ in range(coarse_blocks))
         self.out = PatchConv(width, shape[0])
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
@@ -175,7 +199,15 @@ class ConvDenoiser(Conditioned):
         """z: [..., D] (D = C H W); t and y: [...] matching z's leading axes."""
         cond = self.condition(t, y)
         h = self.inp(z.reshape(*z.shape[:-1], *self.shape))
-        for block in self.blocks:
+        split = len(self.blocks) // 2 if len(self.coarse) else len(self.blocks)
+        for block in self.blocks[:split]:
+            h = block(h, cond)
+        if len(self.coarse):
+            c = pooled = _halve(h)
+            for block in self.coarse:
+                c = block(c, cond)
+            h = h + _expand(c - pooled, self.shape[1:])
+        for block in self.blocks[split:]:
             h = block(h, cond)
         out = self.out(F.silu(_group_norm(h, self.GROUPS))).reshape(z.shape)
         return out if self.base is None else out + self.base(z, t, y)

@@ -67,7 +67,7 @@ def build_denoiser(cfg: RunConfig, shape: tuple[int, int, int], num_classes: int
             base.set_gaussians(*gaussians)
     if d.architecture == "conv":
         return ConvDenoiser(shape=shape, num_classes=num_classes, width=d.hidden,
-                            blocks=d.blocks, base=base)
+                            blocks=d.blocks, coarse_blocks=d.coarse_blocks, base=base)
     return Denoiser(dim=dim, num_classes=num_classes, hidden=d.hidden, blocks=d.blocks,
                     expansion=d.expansion, base=base)
 

@@ -46,7 +46,7 @@ def test_fidelity_is_full_with_a_finer_latent_a_deeper_decoder_and_a_conv_stage_
                        "autoencoder.decoder_blocks",
                        "diffusion.architecture", "diffusion.hidden", "diffusion.blocks",
                        "diffusion.epochs", "diffusion.noise_multiplicity",
-                       "sampling.temperature", "sampling.eta"}
+                       "sampling.temperature", "sampling.sharpness", "sampling.eta"}
     ae = cfg.autoencoder
     assert latent_shape(28, ae.channels, ae.latent_channels) == (1, 14, 14)
 

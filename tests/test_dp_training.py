@@ -146,29 +146,26 @@ class ConvDenoiserStage(DenoiserStage):
     mode = "hooks"
     shape = (2, 3, 3)
     dim = 18
+    coarse_blocks = 0
+    out_std = 0.3
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(1)
         self.model = ConvDenoiser(shape=self.shape, num_classes=CLASSES, width=16, blocks=1,
-                                  time_dim=8)
+                                  coarse_blocks=self.coarse_blocks, time_dim=8)
         with torch.no_grad():  # its output layer starts at zero; give every weight a gradient
-            self.model.out.weight.normal_(0, 0.3)
+            self.model.out.weight.normal_(0, self.out_std)
         # latents of different scales, so the per-example norms spread (median_clip's need)
         self.z = self.z * torch.linspace(0.2, 3.0, N_EXAMPLES)[:, None]
 
 
 class CoarseConvDenoiserStage(ConvDenoiserStage):
     """The conv denoiser with a coarse level: its blocks' convolutions run on the pooled map
-    (3 x 3 pooled to 2 x 2), so the per-example gradients cover both resolutions."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(1)
-        self.model = ConvDenoiser(shape=self.shape, num_classes=CLASSES, width=16, blocks=1,
-                                  coarse_blocks=1, time_dim=8)
-        with torch.no_grad():
-            self.model.out.weight.normal_(0, 0.03)
+    (3 x 3 pooled to 2 x 2), so the per-example gradients cover both resolutions. A smaller
+    output layer keeps the per-example norms spread (median_clip's need)."""
+    coarse_blocks = 1
+    out_std = 0.03
 
 
 STAGES = {"autoencoder-hooks": AutoencoderStage, "denoiser-ghost": DenoiserStage,

@@ -115,7 +115,10 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted(tmp_path):
     assert 0 < step < planned["diffusion"]
     assert ckpt_step(killed, "autoencoder") == planned["autoencoder"]
     assert ledger_steps(killed) == {"autoencoder": planned["autoencoder"], "diffusion": step}
-    assert not (killed / "timings.json").exists()
+    # stage 1 ended in the killed session: its seconds are saved, stage 2's are not yet
+    killed_timings = json.loads((killed / "timings.json").read_text())
+    assert killed_timings["autoencoder_s"] > 0 and killed_timings["sessions"] == 0
+    assert "diffusion_s" not in killed_timings
     from dplatent.errors import DplatentError
     from dplatent.sample import TrainedRun
     with pytest.raises(DplatentError, match=f"stage diffusion is unfinished \\({step}/"
@@ -128,6 +131,9 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted(tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "trained: epsilon=" in res.stdout
+    resumed_timings = json.loads((killed / "timings.json").read_text())
+    assert resumed_timings["sessions"] == 1 and resumed_timings["diffusion_s"] > 0
+    assert resumed_timings["autoencoder_s"] >= killed_timings["autoencoder_s"]
 
     # 4. The same configuration and seed, uninterrupted (in this process).
     whole = tmp_path / "whole"
@@ -221,6 +227,17 @@ def test_timings_add_up_over_sessions(tmp_path):
     _write_timings(tmp_path, {"autoencoder_s": 0.5, "diffusion_s": 20.25})
     saved = json.loads((tmp_path / "timings.json").read_text())
     assert saved == {"autoencoder_s": 30.5, "diffusion_s": 120.25, "sessions": 2}
+
+
+def test_timings_of_a_finished_stage_1_count_no_session(tmp_path):
+    """Stage 1's seconds are saved when it ends; only the end of the session counts it."""
+    from dplatent.train.stages import _write_timings
+    _write_timings(tmp_path, {"autoencoder_s": 30.0}, 3500, finished=False)
+    assert json.loads((tmp_path / "timings.json").read_text()) == {
+        "autoencoder_s": 30.0, "sessions": 0, "peak_rss_mb": 3500}
+    _write_timings(tmp_path, {"diffusion_s": 100.0}, 3600)
+    assert json.loads((tmp_path / "timings.json").read_text()) == {
+        "autoencoder_s": 30.0, "diffusion_s": 100.0, "sessions": 1, "peak_rss_mb": 3600}
 
 
 def test_timings_keep_the_largest_peak_memory_over_sessions(tmp_path):

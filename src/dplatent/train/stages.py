@@ -288,6 +288,9 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
     t = time.time()
     ae = train_autoencoder(images, cfg, plan, ledger, run_dir, progress)
     timings["autoencoder_s"] = time.time() - t
+    if main:  # now, so that a session stopped in stage 2 still counts its stage-1 time
+        _write_timings(run_dir, {"autoencoder_s": timings["autoencoder_s"]},
+                       runtime.peak_rss_mb(), finished=False)
     t = time.time()
     latents = encode(ae, images)
     gaussians = (release_gaussians(latents, labels, private.num_classes, cfg, plan, ledger,
@@ -297,7 +300,7 @@ def train(*, dataset: str, data_dir: str | None, cfg: RunConfig, run_dir: Path,
     timings["diffusion_s"] = time.time() - t
     del latents, images
     if main:
-        _write_timings(run_dir, timings, runtime.peak_rss_mb())
+        _write_timings(run_dir, {"diffusion_s": timings["diffusion_s"]}, runtime.peak_rss_mb())
     return {"timings": timings, "ledger": ledger.to_dict(), "autoencoder": ae, "denoiser": den}
 
 
@@ -329,16 +332,20 @@ def _check_resume_device(run_dir: Path, device: torch.device) -> None:
                           f"device (--device {torch.device(saved).type}), not on {device}")
 
 
-def _write_timings(run_dir: Path, timings: dict, peak_mb: int | None = None) -> None:
-    """Add this session's seconds per stage to those of earlier finished sessions, so that
-    resuming a finished run (to sample or evaluate it again) adds only the seconds it took to
-    load instead of replacing the training time. A session killed mid-run writes nothing, so
-    after a crash the timings undercount by that session's time. `peak_rss_mb` is the largest
-    peak memory of the main process over the finished sessions, so a resumed run that only
-    loads the models keeps the peak of the session that trained them."""
+def _write_timings(run_dir: Path, timings: dict, peak_mb: int | None = None, *,
+                   finished: bool = True) -> None:
+    """Add this session's seconds per stage to those already saved, so that resuming a
+    finished run (to sample or evaluate it again) adds only the seconds it took to load
+    instead of replacing the training time. Each stage's seconds are added when the stage
+    ends (`finished` False after stage 1, True at the end of the session, which counts it in
+    "sessions"), so a session killed in stage 2 still counts its stage-1 time; the seconds of
+    a stage killed mid-way are not counted, so after a crash the timings undercount by them.
+    `peak_rss_mb` is the largest peak memory of the main process over the sessions, so a
+    resumed run that only loads the models keeps the peak of the session that trained them."""
     path = run_dir / "timings.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     total = {k: round(old.get(k, 0.0) + v, 2) for k, v in timings.items()}
     peaks = [p for p in (old.get("peak_rss_mb"), peak_mb) if p is not None]
-    write_json(path, {**old, **total, "sessions": int(old.get("sessions", 0)) + 1,
+    sessions = int(old.get("sessions", 0)) + int(finished)
+    write_json(path, {**old, **total, "sessions": sessions,
                       **({"peak_rss_mb": max(peaks)} if peaks else {})})
